@@ -1,0 +1,221 @@
+"""Validation of single catalog values.
+
+Each function takes a raw value and the path of its key, returns a normalized
+value or raises a typed ``CatalogError`` naming that path. Nothing here trusts
+a string: whatever reaches a rendered rule went through one of these.
+"""
+
+import datetime
+import ipaddress
+import re
+import unicodedata
+
+from ansible_collections.portguard.hardening.plugins.module_utils.errors import (
+    AddressError,
+    ExpiryError,
+    PortError,
+    ProtocolError,
+    SchemaError,
+    UnsafeStringError,
+)
+
+MAX_TEXT_BYTES = 128
+PROTOCOLS = ("tcp", "udp")
+
+# Characters that end or escape a quoted string in nft or iptables-restore
+# syntax, or that a shell would interpret if someone pasted a rule.
+_FORBIDDEN_CHARS = frozenset("\"'\\`")
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+_V4_RE = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}(?:/(?:0|[1-9]\d?))?$")
+_V6_RE = re.compile(r"^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:/(?:0|[1-9]\d{0,2}))?$")
+_HOSTNAME_RE = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+\.?$")
+_PORT_RE = re.compile(r"^([1-9]\d{0,4})(?:-([1-9]\d{0,4}))?$")
+_LOG_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:= -]{1,29}$")
+
+
+def type_name(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return type(value).__name__
+
+
+def check_text(value, path: str) -> str:
+    """A free-text value (purpose, owner, flow name) safe to quote in a rule."""
+    if not isinstance(value, str):
+        raise SchemaError(path, f"expected a string, got {type_name(value)}")
+    for char in value:
+        if char in _FORBIDDEN_CHARS:
+            raise UnsafeStringError(path, f"the character {char!r} is not allowed (it could end a quoted string in a rule)")
+        category = unicodedata.category(char)
+        if category[0] == "C" or category in ("Zl", "Zp"):
+            raise UnsafeStringError(path, f"control or format character U+{ord(char):04X} is not allowed")
+    size = len(value.encode("utf-8"))
+    if size > MAX_TEXT_BYTES:
+        raise UnsafeStringError(path, f"{size} bytes after UTF-8 encoding; at most {MAX_TEXT_BYTES} are allowed")
+    return value
+
+
+def check_name(value, path: str, what: str) -> str:
+    """A network or service name: a short identifier."""
+    if not isinstance(value, str):
+        raise SchemaError(path, f"a {what} name must be a string, got {type_name(value)}")
+    check_text(value, path)
+    if not _NAME_RE.match(value):
+        raise SchemaError(
+            path, f"{what} name {value!r} must start with a letter and use only letters, digits, '_', '.', '-' (64 at most)"
+        )
+    return value
+
+
+def truncate_utf8(text: str, limit: int = MAX_TEXT_BYTES) -> str:
+    """Cut ``text`` to at most ``limit`` bytes of UTF-8, never inside a character."""
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode("utf-8", errors="ignore")
+
+
+def looks_like_address(value: str) -> bool:
+    return bool(_V4_RE.match(value) or _V6_RE.match(value) or _HOSTNAME_RE.match(value) or value.isdigit())
+
+
+def parse_network(value, path: str, *, plain: bool = False) -> tuple[int, int, int]:
+    """Parse a CIDR or an address into ``(family, first, last)`` as integers.
+
+    ``plain`` refuses prefixes: the value must be one host address.
+    """
+    if isinstance(value, bool) or not isinstance(value, str):
+        hint = " (bare integers are not addresses: quote a dotted address)" if isinstance(value, int) else ""
+        raise AddressError(path, f"expected an address as a string, got {type_name(value)}{hint}")
+    if _HOSTNAME_RE.match(value):
+        raise AddressError(path, f"{value!r} looks like a hostname; hostnames are not resolved, give addresses")
+    if "%" in value:
+        raise AddressError(path, f"{value!r}: zone indexes are not allowed")
+    if _V4_RE.match(value):
+        family = 4
+    elif _V6_RE.match(value):
+        family = 6
+    else:
+        raise AddressError(path, f"{value!r} is not an IPv4 or IPv6 address or network in CIDR form")
+    if plain and "/" in value:
+        raise AddressError(path, f"{value!r}: expected a single address, without a prefix length")
+    try:
+        network = ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        text = str(exc)
+        if "host bits set" in text:
+            raise AddressError(path, f"{value!r} has host bits set (did you mean {ipaddress.ip_network(value, strict=False)}?)") from None
+        raise AddressError(path, f"{value!r} is not a valid IPv{family} address or network (leading zeros, octets over 255 and "
+                                 f"prefixes over {32 if family == 4 else 128} are refused)") from None
+    if network.version != family:
+        raise AddressError(path, f"{value!r} is not a valid IPv{family} address or network")
+    if family == 6 and network.prefixlen >= 96 and network.network_address.ipv4_mapped is not None:
+        raise AddressError(path, f"{value!r} is an IPv4-mapped IPv6 address: write the IPv4 form instead")
+    return family, int(network.network_address), int(network.broadcast_address)
+
+
+def parse_ports(value, path: str) -> list[tuple[int, int]]:
+    """A port, a ``"lo-hi"`` range, or a list of them, as sorted ranges."""
+    if isinstance(value, list):
+        if not value:
+            raise PortError(path, "an empty list of ports")
+        ranges = []
+        for index, item in enumerate(value):
+            if isinstance(item, list):
+                raise PortError(f"{path}[{index}]", "nested lists of ports are not allowed")
+            ranges.extend(parse_ports(item, f"{path}[{index}]"))
+        return sorted(set(ranges))
+    if isinstance(value, bool):
+        raise PortError(path, f"expected a port number, got a boolean ({value})")
+    if isinstance(value, int):
+        if not 1 <= value <= 65535:
+            raise PortError(path, f"port {value} is out of range 1-65535")
+        return [(value, value)]
+    if isinstance(value, float):
+        raise PortError(path, f"expected a whole port number, got a float ({value})")
+    if not isinstance(value, str):
+        raise PortError(path, f"expected a port or a 'low-high' range, got {type_name(value)}")
+    match = _PORT_RE.match(value)
+    if not match:
+        raise PortError(path, f"{value!r} is not a port or a 'low-high' range (one range per entry; use a list for several)")
+    low = int(match.group(1))
+    high = int(match.group(2)) if match.group(2) else low
+    for port in (low, high):
+        if port > 65535:
+            raise PortError(path, f"port {port} is out of range 1-65535")
+    if low > high:
+        raise PortError(path, f"range {value!r} is reversed")
+    return [(low, high)]
+
+
+def parse_protocols(value, path: str) -> list[str]:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ProtocolError(path, "an empty list of protocols")
+    result = set()
+    for index, item in enumerate(values):
+        item_path = f"{path}[{index}]" if isinstance(value, list) else path
+        if not isinstance(item, str) or isinstance(item, bool):
+            raise ProtocolError(item_path, f"expected one of {', '.join(PROTOCOLS)}, got {type_name(item)} ({item!r})")
+        if item.lower() not in PROTOCOLS:
+            raise ProtocolError(item_path, f"unknown protocol {item!r}; expected one of {', '.join(PROTOCOLS)}")
+        result.add(item.lower())
+    return sorted(result)
+
+
+def parse_expiry(value, path: str) -> datetime.date:
+    if isinstance(value, datetime.datetime):
+        return value.date()
+    if isinstance(value, datetime.date):
+        return value
+    if isinstance(value, str):
+        try:
+            return datetime.date.fromisoformat(value[:10]) if len(value) > 10 and value[10] in "T " else \
+                datetime.date.fromisoformat(value)
+        except ValueError:
+            pass
+    raise ExpiryError(path, f"expected a date (YYYY-MM-DD), got {type_name(value)} ({value!r})")
+
+
+def parse_bool(value, path: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "on", "false", "no", "off"):
+        return value.lower() in ("true", "yes", "on")
+    raise SchemaError(path, f"expected a boolean, got {type_name(value)} ({value!r})")
+
+
+def parse_choice(value, path: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise SchemaError(path, f"expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def parse_int(value, path: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise SchemaError(path, f"expected an integer {low}-{high}, got {type_name(value)}")
+    if isinstance(value, str):
+        if not value.isdigit():
+            raise SchemaError(path, f"expected an integer {low}-{high}, got {value!r}")
+        value = int(value)
+    if not low <= value <= high:
+        raise SchemaError(path, f"{value} is out of range {low}-{high}")
+    return value
+
+
+def parse_log_prefix(value, path: str) -> str:
+    if not isinstance(value, str) or not _LOG_PREFIX_RE.match(value):
+        raise UnsafeStringError(path, "a log prefix is 1-29 characters of letters, digits, space and _ . : = -")
+    return value
