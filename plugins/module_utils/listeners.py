@@ -40,7 +40,6 @@ PROTOCOLS = ("tcp", "udp")
 SOURCES = ("auto", "netlink", "proc")
 
 # Kernel socket states (include/net/tcp_states.h), shared by TCP and UDP.
-_TCP_ESTABLISHED = 1
 _TCP_CLOSE = 7
 _TCP_LISTEN = 10
 # The state a socket must be in to count as listening, per protocol.
@@ -73,6 +72,8 @@ _DIAG_MSG_END = _NLMSGHDR.size + 72
 _RTATTR = struct.Struct("=HH")
 # The kernel fills at most about 32 KiB per read of a dump.
 _RECV_SIZE = 65536
+# A dump of 10,000 sockets takes milliseconds; a silent kernel means a broken path.
+_RECV_TIMEOUT = 10
 
 
 class SocketRecord(NamedTuple):
@@ -165,6 +166,7 @@ def read_sock_diag(family: int, protocol: str) -> list[SocketRecord]:
     except OSError as exc:
         raise NetlinkUnavailable(f"cannot open a sock_diag socket: {exc}") from exc
     with sock:
+        sock.settimeout(_RECV_TIMEOUT)
         try:
             sock.send(build_sock_diag_request(family, protocol))
             records = []
