@@ -44,6 +44,9 @@ class IptablesRuleset:
 def _address_match(entry, direction: str) -> str:
     """The address and protocol part of a rule, in the order iptables-save prints it."""
     cidrs = entry.cidrs()
+    if cidrs in (["0.0.0.0/0"], ["::/0"]):
+        # iptables-save omits a match on every address; render what it prints, so drift checks compare equal.
+        return f"-p {entry.proto}"
     if len(cidrs) == 1:
         return f"{'-s' if direction == 'in' else '-d'} {cidrs[0]} -p {entry.proto}"
     flag = "--src-range" if direction == "in" else "--dst-range"
