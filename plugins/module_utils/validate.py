@@ -25,12 +25,13 @@ PROTOCOLS = ("tcp", "udp")
 # Characters that end or escape a quoted string in nft or iptables-restore
 # syntax, or that a shell would interpret if someone pasted a rule.
 _FORBIDDEN_CHARS = frozenset("\"'\\`")
-_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
-_V4_RE = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}(?:/(?:0|[1-9]\d?))?$")
-_V6_RE = re.compile(r"^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:/(?:0|[1-9]\d{0,2}))?$")
-_HOSTNAME_RE = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+\.?$")
-_PORT_RE = re.compile(r"^([1-9]\d{0,4})(?:-([1-9]\d{0,4}))?$")
-_LOG_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:= -]{1,29}$")
+# Patterns end in \Z, not $: $ also matches before a trailing newline.
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}\Z")
+_V4_RE = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}(?:/(?:0|[1-9]\d?))?\Z")
+_V6_RE = re.compile(r"^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:/(?:0|[1-9]\d{0,2}))?\Z")
+_HOSTNAME_RE = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+\.?\Z")
+_PORT_RE = re.compile(r"^([1-9]\d{0,4})(?:-([1-9]\d{0,4}))?\Z")
+_LOG_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:= -]{1,29}\Z")
 
 
 def type_name(value) -> str:
