@@ -89,7 +89,9 @@ def truncate_utf8(text: str, limit: int = MAX_TEXT_BYTES) -> str:
 
 
 def looks_like_address(value: str) -> bool:
-    return bool(_V4_RE.match(value) or _V6_RE.match(value) or _HOSTNAME_RE.match(value) or value.isdigit())
+    # Names have no '/' or ':' and are not all digits and dots, so such a value
+    # (10/8, 10.0.0, fe80::1%eth0) is a malformed address, not an unknown name.
+    return bool("/" in value or ":" in value or value.replace(".", "").isdigit() or _HOSTNAME_RE.match(value))
 
 
 def parse_network(value, path: str, *, plain: bool = False) -> tuple[int, int, int]:
