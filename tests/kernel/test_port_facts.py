@@ -1,0 +1,138 @@
+"""port_facts against the real kernel and ``ss`` (root).
+
+Real sockets are opened in a fresh network namespace (``unshare --net``) by
+port_facts_netns.py; what the collector finds there, from netlink and from
+/proc/net, must equal what ``ss -Htlnp`` / ``ss -Hulnp`` show, socket for
+socket, owner for owner. The module itself then runs through ``ansible``.
+"""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HELPER = Path(__file__).with_name("port_facts_netns.py")
+USERS = re.compile(r'\("((?:[^"\\]|\\.)*)",pid=(\d+),fd=\d+\)')
+
+
+def require(ok, what):
+    """Missing prerequisites fail in CI and skip elsewhere, naming what is missing."""
+    if ok:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} is required")
+    pytest.skip(f"{what} is required")
+
+
+def parse_ss(text, protocol):
+    """``ss -H -lnp`` lines as {(protocol, address, port, interface): (pids, name of the lowest pid)}."""
+    found = {}
+    for line in text.splitlines():
+        fields = line.split(None, 5)
+        local = fields[3]
+        host, port = local.rsplit(":", 1)
+        host, _, interface = host.partition("%")
+        # ss prints an IPv6 wildcard that also accepts IPv4 as "*", bracketed otherwise.
+        address = "::" if host == "*" else host.strip("[]")
+        owners = sorted((int(pid), name) for name, pid in USERS.findall(fields[5] if len(fields) > 5 else ""))
+        found[(protocol, address, int(port), interface or None)] = (
+            [pid for pid, _ in owners], owners[0][1] if owners else None)
+        if host == "*":
+            found[(protocol, address, int(port), interface or None)] += ("dual-stack",)
+    return found
+
+
+def ours(listeners, with_interface=True):
+    found = {}
+    for item in listeners:
+        key = (item["protocol"], item["address"], item["port"], item["interface"] if with_interface else None)
+        found[key] = (item["pids"], item["name"])
+        if item["family"] == "ipv6" and item["address"] == "::" and item["v6only"] is False:
+            found[key] += ("dual-stack",)
+    return found
+
+
+@pytest.fixture(scope="module")
+def netns_report():
+    require(os.geteuid() == 0, "root")
+    for tool in ("unshare", "ss", "ip"):
+        require(shutil.which(tool), f"the {tool} command")
+    out = subprocess.run(["unshare", "--net", sys.executable, str(HELPER)], check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    return json.loads(out)
+
+
+def test_netlink_matches_ss_exactly(netns_report):
+    expected = {**parse_ss(netns_report["ss_tcp"], "tcp"), **parse_ss(netns_report["ss_udp"], "udp")}
+    assert ours(netns_report["netlink"]) == expected
+    # Everything the helper opened is there: ss is not the only witness.
+    opened = {(proto, address, port) for proto, _family, address, port, _v6only in netns_report["opened"]}
+    assert {(proto, address, port) for proto, address, port, _ in expected} == opened
+
+
+def test_proc_source_matches_ss_except_what_proc_cannot_say(netns_report):
+    expected = {}
+    for protocol in ("tcp", "udp"):
+        for (proto, address, port, _interface), (pids, name, *_) in parse_ss(
+                netns_report[f"ss_{protocol}"], protocol).items():
+            expected[(proto, address, port, None)] = (pids, name)
+    found = {key: value[:2] for key, value in ours(netns_report["proc"], with_interface=False).items()}
+    assert found == expected
+
+
+def test_owners_names_and_fields(netns_report):
+    by_port = {(item["protocol"], item["port"]): item for item in netns_report["netlink"]}
+    parent, child = netns_report["pid"], netns_report["child"]
+    assert by_port[("tcp", 8080)]["pids"] == [parent]
+    assert by_port[("tcp", 9090)]["pids"] == sorted([parent, child])
+    assert by_port[("tcp", 9090)]["pid"] == min(parent, child)
+    only_child = by_port[("udp", 9091)]
+    assert (only_child["pid"], only_child["name"]) == (child, netns_report["child_name"])
+    assert only_child["user"] == "root" and "port_facts_netns.py" in only_child["cmdline"]
+    mapped = by_port[("tcp", 8447)]
+    assert (mapped["address"], mapped["v4_mapped"], mapped["scope"]) == ("::ffff:127.0.0.1", True, "loopback")
+    assert by_port[("tcp", 8448)]["scope"] == "specific"
+    assert by_port[("tcp", 8443)]["scope"] == "wildcard"
+    assert by_port[("udp", 5356)]["interface"] == "lo"
+    # Not listening: established TCP (8081's peer side), connected UDP, TCP bound without listen().
+    assert not {port for _, port in by_port} & {6000, 6001}
+    assert len([item for item in netns_report["netlink"] if item["port"] == 8081]) == 1
+
+
+def run_module(*extra):
+    require(shutil.which("ansible") or (Path(sys.executable).parent / "ansible").exists(), "ansible")
+    command = shutil.which("ansible") or str(Path(sys.executable).parent / "ansible")
+    env = {
+        **os.environ,
+        "ANSIBLE_COLLECTIONS_PATH": str(ROOT / ".build" / "collections"),
+        "ANSIBLE_LOCALHOST_WARNING": "0",
+        "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
+    }
+    # -o: one line per host, "localhost | SUCCESS => {result as JSON}".
+    result = subprocess.run([command, "localhost", "-o", "-m", "portguard.hardening.port_facts", *extra],
+                            check=True, capture_output=True, text=True, env=env, timeout=120)
+    return json.loads(result.stdout.split(" => ", 1)[1])
+
+
+def test_module_through_ansible_reports_a_socket_we_hold():
+    with socket.socket(socket.AF_INET6) as sock:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(("::1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        for extra in ([], ["--check"]):
+            result = run_module(*extra)
+            assert result["changed"] is False
+            mine = [item for item in result["ansible_facts"]["portguard_listeners"]
+                    if item["protocol"] == "tcp" and item["port"] == port]
+            assert [(item["address"], item["pid"], item["v6only"]) for item in mine] == [("::1", os.getpid(), True)]
+    result = run_module("-a", "protocols=udp include_process=false")
+    assert {item["protocol"] for item in result["ansible_facts"]["portguard_listeners"]} <= {"udp"}
+    assert all(item["pid"] is None for item in result["ansible_facts"]["portguard_listeners"])
