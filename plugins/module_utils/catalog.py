@@ -125,9 +125,14 @@ def host_addresses(host: str, hostvars: dict) -> tuple[str, ...]:
     ansible_host = variables.get("ansible_host")
     if isinstance(ansible_host, str):
         try:
-            return (str(ipaddress.ip_address(ansible_host)),)
+            address = ipaddress.ip_address(ansible_host)
         except ValueError:
-            pass
+            address = None  # a hostname: the facts below say what it stands for
+        if address is not None:
+            # The same checks as any other address: an IPv4-mapped IPv6 value
+            # would render as IPv6 and never match the host's IPv4 traffic.
+            parse_network(ansible_host, f"{base}.ansible_host", plain=True)
+            return (str(address),)
     result = []
     for family, key in ((4, "ansible_default_ipv4"), (6, "ansible_default_ipv6")):
         facts = variables.get(key) or {}
