@@ -482,25 +482,26 @@ class _Compiler:
                 entries.extend(disjoint_entries(family, proto, items, self.labels))
         return tuple(entries)
 
-    def _controller_rects(self, host):
+    def _controller_rects(self, host, controller):
         variables = self.hostvars.get(host, {}) or {}
-        if not any(self.controller[f] for f in FAMILIES):
+        if not any(controller[f] for f in FAMILIES):
             return {}
         connection = variables.get("ansible_connection", "ssh")
         if connection not in NETWORK_CONNECTIONS:
             return {}
         port = parse_int(variables.get("ansible_port", 22), f"hostvars.{host}.ansible_port", 1, 65535)
         label = self._label(CONTROLLER_FLOW, Service("connection", (("tcp", port, port),), "Ansible controller", ""))
-        return {(family, "tcp"): [(lo, hi, port, port, label) for lo, hi in self.controller[family]]
+        return {(family, "tcp"): [(lo, hi, port, port, label) for lo, hi in controller[family]]
                 for family in FAMILIES}
 
-    def build(self, host: str) -> HostPolicy:
+    def build(self, host: str, controller_addresses=None) -> HostPolicy:
         if host not in self.hosts:
             raise UnknownNameError("inventory_hostname", f"{host!r} is not an inventory host")
         settings = self.hosts[host]
+        controller = self.controller if controller_addresses is None else self._controller(controller_addresses)
         floor = [self.management] if self.management else []
         management_rects = self._ingress_rects(host, floor)
-        for key, items in self._controller_rects(host).items():
+        for key, items in self._controller_rects(host, controller).items():
             management_rects.setdefault(key, []).extend(items)
         rects = self._ingress_rects(host, self.flows_to.get(host, []))
         for key, items in management_rects.items():

@@ -125,10 +125,12 @@ class Policy:
     _builder: object = None
     _cache: dict = field(default_factory=dict)
 
-    def host(self, name: str) -> HostPolicy:
-        if name not in self._cache:
-            self._cache[name] = self._builder.build(name)
-        return self._cache[name]
+    def host(self, name: str, controller_addresses=None) -> HostPolicy:
+        """One host's whitelist (built once); ``controller_addresses`` overrides those given to the compile."""
+        key = (name, None if controller_addresses is None else tuple(controller_addresses))
+        if key not in self._cache:
+            self._cache[key] = self._builder.build(name, controller_addresses)
+        return self._cache[key]
 
     def allowed(self, src_address: str, dst_host: str, port: int, proto: str) -> bool:
         """Does the catalog let a new connection from ``src_address`` reach ``port/proto`` on ``dst_host``?"""
