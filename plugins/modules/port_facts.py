@@ -18,7 +18,7 @@ description:
   - Reports the network namespace the module runs in. Processes of containers on the host that
     listen in their own network namespaces are not reported.
 author:
-  - portguard maintainers
+  - portguard maintainers (@portguard)
 requirements:
   - Linux with C(/proc).
 options:

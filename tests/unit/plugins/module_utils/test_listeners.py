@@ -75,7 +75,7 @@ def test_both_sources_agree_on_inodes_and_owner_uid():
 
 def test_sock_diag_parses_across_chunks():
     data = (FIXTURES / "sock_diag_tcp6.bin").read_bytes()
-    whole, _ = listeners.parse_sock_diag(data, "tcp")
+    whole = listeners.parse_sock_diag(data, "tcp")[0]
     first_len = struct.unpack_from("=I", data)[0]
     head, done = listeners.parse_sock_diag(data[:first_len], "tcp")
     assert not done and head == whole[:1]
