@@ -1,0 +1,184 @@
+#!/usr/bin/python
+# Copyright: portguard.hardening contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+DOCUMENTATION = r"""
+module: firewall
+short_description: Apply a portguard ruleset atomically, with confirm-or-revert and persistence
+version_added: 0.1.0
+description:
+  - Host side of the C(portguard.hardening.firewall) action. The action plugin compiles the catalog
+    on the controller, renders this host's ruleset and calls this module with it; call the action
+    (the same name), not the module alone.
+  - Validates the ruleset on the host (C(nft -c -f) or C(iptables-restore --test)), compares it
+    structurally with the live table C(inet portguard) (or the C(PORTGUARD-IN)/C(PORTGUARD-OUT) chains)
+    and applies it only when it differs, in one transaction. Other tables and chains are never touched.
+  - Before applying, arms a revert to the previous ruleset that fires after O(rollback_timeout) seconds
+    unless the controller confirms over a fresh connection.
+  - After confirmation, writes the ruleset to C(/etc/portguard/) and, where systemd runs, installs
+    C(portguard.service), ordered before C(network-pre.target), which loads it at boot or falls back
+    to the management-only ruleset if it fails to load.
+author:
+  - portguard.hardening contributors
+attributes:
+  check_mode:
+    support: full
+    description: Reports whether the live ruleset differs, with a rule-level diff; writes nothing.
+  diff_mode:
+    support: full
+    description: The diff compares the live and the rendered rules, counters left out.
+  platform:
+    platforms: posix
+options:
+  phase:
+    description:
+      - Set by the action plugin. C(inspect) reports the host's backends, C(apply) validates, diffs and
+        applies, C(confirm) disarms the revert and persists, C(status) reports what happened to a change.
+    type: str
+    choices: [inspect, apply, confirm, status]
+    default: apply
+  backend:
+    description: The backend the ruleset was rendered for.
+    type: str
+    choices: [nftables, iptables]
+    default: nftables
+  ruleset:
+    description:
+      - The rendered ruleset; text for C(nftables), a dict with C(ipv4), C(ipv6) and C(jumps) for C(iptables).
+    type: raw
+  fallback:
+    description: The management-only ruleset loaded at boot if O(ruleset) fails to load. Same form as O(ruleset).
+    type: raw
+  state:
+    description: C(present) applies the ruleset; C(absent) removes our table or chains and persisted files.
+    type: str
+    choices: [present, absent]
+    default: present
+  rollback_timeout:
+    description: Seconds before an unconfirmed change reverts.
+    type: int
+    default: 30
+  arm_rollback:
+    description: Arm the revert before applying. The action plugin turns it off only when it cannot confirm.
+    type: bool
+    default: true
+  persist:
+    description: Write the ruleset for boot and install the boot unit (where systemd runs).
+    type: bool
+    default: true
+  token:
+    description: The change to confirm or ask about (returned by C(apply)).
+    type: str
+notes:
+  - Runs as root. State lives in C(/run/portguard/) (gone at reboot, so nothing stale survives one).
+  - Concurrent runs on one host are serialized; a run waits while another awaits its confirmation.
+seealso:
+  - module: portguard.hardening.port_facts
+"""
+
+EXAMPLES = r"""
+# Normally used through the action (same name), which renders the ruleset from the catalog:
+- name: Enforce the catalog on every host
+  portguard.hardening.firewall:
+    rollback_timeout: 30
+
+- name: Remove the portguard table and boot unit
+  portguard.hardening.firewall:
+    state: absent
+"""
+
+RETURN = r"""
+backend:
+  description: The backend used.
+  returned: always
+  type: str
+  sample: nftables
+rule_diff:
+  description: Unified diff between the live rules and the rendered ones (counters left out).
+  returned: phase apply
+  type: list
+  elements: str
+token:
+  description: Identifies an applied change awaiting confirmation; null when nothing was applied.
+  returned: phase apply
+  type: str
+persistence:
+  description: What was written for boot, and whether a boot unit is installed.
+  returned: phase apply or confirm
+  type: dict
+  sample: {"changed": false, "unit": "no boot unit installed: systemd is not running on this host"}
+host_facts:
+  description: Backends available, systemd, legacy iptables rule count, the SSH client address.
+  returned: phase inspect
+  type: dict
+state:
+  description: For C(status) and C(confirm), C(confirmed), C(pending), C(reverted) or C(unknown).
+  returned: phase status or confirm
+  type: str
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.portguard.hardening.plugins.module_utils.errors import PortguardError
+from ansible_collections.portguard.hardening.plugins.module_utils.firewall_host import (
+    BACKENDS,
+    Host,
+    check_conflicts,
+    detect,
+)
+
+
+def run_phase(module, params):
+    host = Host()
+    phase = params["phase"]
+    if phase == "inspect":
+        return {"changed": False, "host_facts": detect()}
+    if phase == "status":
+        return {"changed": False, **host.status(params["token"])}
+    backend = BACKENDS[params["backend"]]()
+    facts = detect()
+    if phase == "confirm":
+        result = host.confirm(params["token"])
+        if params["persist"]:
+            result["persistence"] = host.persist(backend, params["ruleset"], params["fallback"],
+                                                 check_mode=False, systemd=facts["systemd"], state=params["state"])
+        return {"changed": True, "backend": backend.name, **result}
+    if params["state"] == "present":
+        check_conflicts(backend.name, facts)
+        if params["ruleset"] is None or params["fallback"] is None:
+            module.fail_json(msg="ruleset and fallback are required with state=present; use the action plugin")
+    result = host.apply(backend, params["ruleset"], check_mode=module.check_mode, arm=params["arm_rollback"],
+                        timeout=params["rollback_timeout"], state=params["state"])
+    if params["persist"] and (module.check_mode or not result["token"]):
+        persistence = host.persist(backend, params["ruleset"], params["fallback"], check_mode=module.check_mode,
+                                   systemd=facts["systemd"], state=params["state"])
+        result["persistence"] = persistence
+        result["changed"] = result["changed"] or persistence["changed"]
+    return result
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec={
+            "phase": {"type": "str", "choices": ["inspect", "apply", "confirm", "status"], "default": "apply"},
+            "backend": {"type": "str", "choices": ["nftables", "iptables"], "default": "nftables"},
+            "ruleset": {"type": "raw"},
+            "fallback": {"type": "raw"},
+            "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
+            "rollback_timeout": {"type": "int", "default": 30},
+            "arm_rollback": {"type": "bool", "default": True},
+            "persist": {"type": "bool", "default": True},
+            "token": {"type": "str", "no_log": False},
+        },
+        required_if=[("phase", "confirm", ["token"]), ("phase", "status", ["token"])],
+        supports_check_mode=True,
+    )
+    try:
+        result = run_phase(module, module.params)
+    except PortguardError as exc:
+        module.fail_json(msg=str(exc), changed=False)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
