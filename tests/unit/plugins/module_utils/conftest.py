@@ -31,6 +31,12 @@ def example_hosts(example_inventory):
     return sorted(example_inventory[1]["all"])
 
 
+@pytest.fixture(scope="session")
+def golden_hosts():
+    """The hosts that have golden files."""
+    return {path.name.split(".")[0] for path in GOLDEN_DIR.iterdir() if path.suffix in (".nft", ".rules")}
+
+
 @pytest.fixture
 def golden():
     """``golden(name, text)``: compare ``text`` with ``golden/<name>``, or rewrite it when regenerating."""

@@ -1,0 +1,127 @@
+"""iptables renderer: golden files of examples/inventory and the renderer's contract."""
+
+import datetime
+import re
+
+import pytest
+
+from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog
+from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import (
+    COMMENT_BYTES,
+    MULTIPORT_SLOTS,
+    render_iptables,
+)
+
+TODAY = datetime.date(2026, 11, 26)
+
+
+def test_golden_iptables(example_policy, example_hosts, golden):
+    for host in example_hosts:
+        ruleset = render_iptables(example_policy.host(host))
+        golden(f"{host}.ipv4.rules", ruleset.ipv4)
+        golden(f"{host}.ipv6.rules", ruleset.ipv6)
+
+
+def policy_for(flows=None, services=None, **host_settings):
+    catalog = {
+        "portguard_networks": {"office": ["10.20.0.0/16"], "admins": ["10.99.0.0/24", "2001:db8:99::/64"]},
+        "portguard_services": services or {
+            "ssh": {"port": 22, "purpose": "Remote administration", "owner": "platform"},
+            "https": {"port": 443, "purpose": "Public web traffic", "owner": "web"},
+            "dns": {"port": 53, "proto": ["tcp", "udp"], "purpose": "DNS", "owner": "platform"},
+        },
+        "portguard_flows": flows or [{"name": "office-web", "from": "office", "to": "web1", "services": ["https"]}],
+        "portguard_management": {"from": "admins", "services": ["ssh"]},
+    }
+    hostvars = {
+        "web1": {"portguard_addresses": ["10.0.1.1", "2001:db8:1::1"], **host_settings},
+        "db1": {"portguard_addresses": ["10.0.2.1", "10.0.2.2"]},
+    }
+    return compile_catalog(catalog, {"all": ["web1", "db1"]}, hostvars, today=TODAY).host("web1")
+
+
+def accepts(payload):
+    return [line for line in payload.splitlines() if line.endswith("-j ACCEPT") and "--dport" in line]
+
+
+def test_owns_only_its_chains_and_both_families_are_always_rendered():
+    ruleset = render_iptables(policy_for())
+    assert ruleset.jumps == (("INPUT", "PORTGUARD-IN"),)
+    for payload in (ruleset.ipv4, ruleset.ipv6):
+        lines = payload.splitlines()
+        assert lines[1:3] == ["*filter", ":PORTGUARD-IN - [0:0]"]
+        assert lines[-1] == "COMMIT"
+        assert all(line.startswith(("#", "*", ":PORTGUARD-", "-A PORTGUARD-", "COMMIT")) for line in lines)
+        assert "-F" not in payload.split() and "-X" not in payload.split()
+    # office has no IPv6 network: only the management entry is whitelisted for IPv6.
+    assert [line.split(" -m comment")[0] for line in accepts(ruleset.ipv6)] == [
+        "-A PORTGUARD-IN -s 2001:db8:99::/64 -p tcp -m tcp --dport 22"]
+    assert ruleset.as_dict()["jumps"] == [["INPUT", "PORTGUARD-IN"]]
+
+
+@pytest.mark.parametrize(("settings", "ipv4", "ipv6"), [
+    ({}, "-j REJECT --reject-with icmp-admin-prohibited", "-j REJECT --reject-with icmp6-adm-prohibited"),
+    ({"portguard_deny": "drop"}, "-j DROP", "-j DROP"),
+    ({"portguard_mode": "audit"}, "-j ACCEPT", "-j ACCEPT"),
+])
+def test_default_verdict(settings, ipv4, ipv6):
+    ruleset = render_iptables(policy_for(**settings))
+    for payload, verdict in ((ruleset.ipv4, ipv4), (ruleset.ipv6, ipv6)):
+        lines = payload.splitlines()
+        assert lines[-2] == f"-A PORTGUARD-IN -m comment --comment denied_in {verdict}"
+        assert lines[-3].startswith("-A PORTGUARD-IN -m limit --limit 10/min -j LOG")
+
+
+def test_address_forms_as_iptables_save_prints_them():
+    flows = [
+        {"name": "pub", "from": "any", "to": "web1", "services": ["https"]},
+        {"name": "db", "from": "db1", "to": "web1", "services": ["dns"]},
+    ]
+    ruleset = render_iptables(policy_for(flows))
+    rules = [line.split(" -m comment")[0] for line in accepts(ruleset.ipv4)]
+    assert "-A PORTGUARD-IN -p tcp -m tcp --dport 443" in rules  # any: no -s 0.0.0.0/0
+    assert "-A PORTGUARD-IN -p udp -m iprange --src-range 10.0.2.1-10.0.2.2 -m udp --dport 53" in rules
+    assert "-A PORTGUARD-IN -p tcp -m tcp --dport 443" in [line.split(" -m comment")[0] for line in accepts(ruleset.ipv6)]
+
+
+def test_egress_chain():
+    flows = [{"name": "to-db", "from": "web1", "to": "db1", "services": ["dns"]}]
+    ruleset = render_iptables(policy_for(flows, portguard_egress=True))
+    assert ruleset.jumps == (("INPUT", "PORTGUARD-IN"), ("OUTPUT", "PORTGUARD-OUT"))
+    assert ":PORTGUARD-OUT - [0:0]" in ruleset.ipv4.splitlines()
+    assert ('-A PORTGUARD-OUT -p udp -m iprange --dst-range 10.0.2.1-10.0.2.2 -m udp --dport 53 '
+            '-m comment --comment "to-db/dns: DNS" -j ACCEPT') in ruleset.ipv4.splitlines()
+    assert "-A PORTGUARD-OUT -m comment --comment denied_out -j REJECT --reject-with icmp6-adm-prohibited" in ruleset.ipv6
+
+
+def test_ports_of_one_source_are_grouped_in_multiport_chunks():
+    services = {"ssh": {"port": 22}, "many": {"port": [*range(1000, 1040, 2), "2000-2010", "3000-3010"]}}
+    flows = [{"name": "many", "from": "office", "to": "web1", "services": ["many"]}]
+    rules = [line for line in accepts(render_iptables(policy_for(flows, services)).ipv4) if "10.20.0.0/16" in line]
+    slots = []
+    for rule in rules:
+        ports = re.search(r"--dports? (\S+)", rule).group(1).split(",")
+        slots.append(sum(2 if ":" in port else 1 for port in ports))
+        assert ("-m multiport --dports" in rule) == (len(ports) > 1)
+    assert all(used <= MULTIPORT_SLOTS for used in slots)
+    assert sum(slots) == 20 + 2 * 2
+    assert len(rules) == 2
+
+
+def test_comment_is_cut_at_256_bytes_never_mid_character():
+    services = {"ssh": {"port": 22}, **{f"s{index}": {"port": 100 + index, "purpose": "Überwachung €" * 3}
+                                          for index in range(8)}}
+    flows = [{"name": "flüsse", "from": "office", "to": "web1", "services": [f"s{index}" for index in range(8)]}]
+    rules = accepts(render_iptables(policy_for(flows, services)).ipv4)
+    comment = re.search(r'--comment "([^"]*)"', next(rule for rule in rules if "10.20.0.0/16" in rule)).group(1)
+    full = "; ".join(f"flüsse/s{index}: {'Überwachung €' * 3}" for index in range(8))
+    assert len(full.encode()) > COMMENT_BYTES
+    assert full.startswith(comment)
+    assert COMMENT_BYTES - 3 <= len(comment.encode()) <= COMMENT_BYTES
+
+
+def test_no_ping():
+    ruleset = render_iptables(policy_for(portguard_allow_ping=False))
+    assert "--icmp-type 8 " not in ruleset.ipv4
+    assert "--icmpv6-type 128 " not in ruleset.ipv6
+    assert "--icmp-type 3 -j ACCEPT" in ruleset.ipv4
