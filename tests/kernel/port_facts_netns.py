@@ -2,7 +2,7 @@
 
 Run by tests/kernel/test_port_facts.py as ``unshare --net python3 port_facts_netns.py``.
 Prints one JSON object: the sockets it opened, what ``collect_listeners`` found
-(netlink and /proc sources) and the raw output of ``ss -Htlnp`` and ``ss -Hulnp``.
+(netlink and /proc sources) and the raw output of ``ss -Htlnup``.
 """
 
 import ctypes
@@ -107,8 +107,7 @@ def main():
             "opened": [spec[:5] for spec in LISTENING] + [SHARED[:5], CHILD_ONLY[:5]],
             "netlink": collect_listeners(source="netlink"),
             "proc": collect_listeners(source="proc"),
-            "ss_tcp": subprocess.run(["ss", "-Htlnp"], check=True, capture_output=True, text=True).stdout,
-            "ss_udp": subprocess.run(["ss", "-Hulnp"], check=True, capture_output=True, text=True).stdout,
+            "ss": subprocess.run(["ss", "-Htlnup"], check=True, capture_output=True, text=True).stdout,
         }
     finally:
         os.kill(child, signal.SIGTERM)

@@ -2,7 +2,7 @@
 
 Real sockets are opened in a fresh network namespace (``unshare --net``) by
 port_facts_netns.py; what the collector finds there, from netlink and from
-/proc/net, must equal what ``ss -Htlnp`` / ``ss -Hulnp`` show, socket for
+/proc/net, must equal what ``ss -Htlnup`` shows, socket for
 socket, owner for owner. The module itself then runs through ``ansible``.
 """
 
@@ -31,17 +31,18 @@ def require(ok, what):
     pytest.skip(f"{what} is required")
 
 
-def parse_ss(text, protocol):
-    """``ss -H -lnp`` lines as {(protocol, address, port, interface): (pids, name of the lowest pid)}."""
+def parse_ss(text):
+    """``ss -Htlnup`` lines as {(protocol, address, port, interface): (pids, name of the lowest pid)}."""
     found = {}
     for line in text.splitlines():
-        fields = line.split(None, 5)
-        local = fields[3]
+        # Netid State Recv-Q Send-Q Local Peer [Process]
+        fields = line.split(None, 6)
+        protocol, local = fields[0], fields[4]
         host, port = local.rsplit(":", 1)
         host, interface = (host.split("%", 1) + [""])[:2]
         # ss prints an IPv6 wildcard that also accepts IPv4 as "*", bracketed otherwise.
         address = "::" if host == "*" else host.strip("[]")
-        owners = sorted((int(pid), name) for name, pid in USERS.findall(fields[5] if len(fields) > 5 else ""))
+        owners = sorted((int(pid), name) for name, pid in USERS.findall(fields[6] if len(fields) > 6 else ""))
         found[(protocol, address, int(port), interface or None)] = (
             [pid for pid, _name in owners], owners[0][1] if owners else None)
         if host == "*":
@@ -70,7 +71,7 @@ def netns_report():
 
 
 def test_netlink_matches_ss_exactly(netns_report):
-    expected = {**parse_ss(netns_report["ss_tcp"], "tcp"), **parse_ss(netns_report["ss_udp"], "udp")}
+    expected = parse_ss(netns_report["ss"])
     assert ours(netns_report["netlink"]) == expected
     # Everything the helper opened is there: ss is not the only witness.
     opened = {tuple(spec[i] for i in (0, 2, 3)) for spec in netns_report["opened"]}
@@ -78,10 +79,7 @@ def test_netlink_matches_ss_exactly(netns_report):
 
 
 def test_proc_source_matches_ss_except_what_proc_cannot_say(netns_report):
-    expected = {}
-    for protocol in ("tcp", "udp"):
-        for key, value in parse_ss(netns_report[f"ss_{protocol}"], protocol).items():
-            expected[(*key[:3], None)] = value[:2]
+    expected = {(*key[:3], None): value[:2] for key, value in parse_ss(netns_report["ss"]).items()}
     found = {key: value[:2] for key, value in ours(netns_report["proc"], with_interface=False).items()}
     assert found == expected
 
