@@ -390,7 +390,8 @@ class _Compiler:
             if "name" in item:
                 name = check_text(item["name"], f"{path}.name")
             else:
-                name = f"{'+'.join(source_names)}->{'+'.join(target_names)}"
+                # Sorted and deduplicated: reordering or repeating names must not change the output.
+                name = f"{'+'.join(sorted(set(source_names)))}->{'+'.join(sorted(set(target_names)))}"
                 name = check_text(name[:128], f"{path}.from")
             if "description" in item:
                 check_text(item["description"], f"{path}.description")
