@@ -334,8 +334,9 @@ def build_listeners(records: list[SocketRecord], owners: dict[int, list[int]] | 
                     processes: dict[int, dict | None]) -> list[dict]:
     """Turn socket records plus owner data into the documented listener dicts.
 
-    ``owners`` is None when process lookup was not asked for. ``processes`` maps
-    a pid to ``read_process`` output (None for a process that vanished).
+    ``owners`` maps an inode to its sorted pids (None or empty when process
+    lookup was not asked for). ``processes`` maps each of those pids to
+    ``read_process`` output, None for a process that vanished.
     Output is sorted by protocol, family, port, address, interface and inode.
     """
     addresses: dict = {}
@@ -344,7 +345,8 @@ def build_listeners(records: list[SocketRecord], owners: dict[int, list[int]] | 
     listeners = []
     append = listeners.append
     seen = set()
-    no_owner: list[int] = []
+    owners = owners or {}
+    gone = {pid for pid, info in processes.items() if info is None}
     for protocol, family, port, raw, ifindex, inode, sock_uid, v6only in sorted(records):
         if (protocol, inode) in seen:
             continue
@@ -352,12 +354,10 @@ def build_listeners(records: list[SocketRecord], owners: dict[int, list[int]] | 
         described = addresses.get((family, raw))
         if described is None:
             described = addresses[(family, raw)] = describe_address(family, raw)
-        pids = no_owner
-        info = None
-        if owners is not None and inode in owners:
-            pids = [pid for pid in owners[inode] if processes.get(pid)]
-            if pids:
-                info = processes[pids[0]]
+        pids = owners.get(inode)
+        if pids and gone:
+            pids = [pid for pid in pids if pid not in gone]
+        info = processes[pids[0]] if pids else None
         # The process's effective user is the one ``ps`` shows; without a
         # process, the user that created the socket is the best there is.
         uid = sock_uid if info is None or info["uid"] is None else info["uid"]
@@ -380,7 +380,7 @@ def build_listeners(records: list[SocketRecord], owners: dict[int, list[int]] | 
             "interface": interface,
             "inode": inode,
             "pid": pids[0] if pids else None,
-            "pids": list(pids),
+            "pids": pids or [],
             "name": info["name"] if info else None,
             "cmdline": info["cmdline"] if info else None,
             "uid": uid,
