@@ -7,6 +7,7 @@ from ansible_collections.portguard.hardening.plugins.module_utils.catalog import
     compile_cached,
     select_hostvars,
 )
+from ansible_collections.portguard.hardening.plugins.module_utils import matrix
 from ansible_collections.portguard.hardening.plugins.module_utils.errors import PortguardError
 from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import render_iptables
 from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import render_nftables
@@ -42,6 +43,44 @@ def summary(hostvars, groups):
     return policy_summary(_policy(hostvars, groups, hosts[0]), hosts)
 
 
+def probe_plan(hostvars, groups, hosts, random_port=47123):
+    """Probes and their expectations from the catalog, listeners per target, targets per prober."""
+    hosts = list(hosts)
+    policy = _policy(hostvars, groups, hosts[0])
+    plain_groups = {name: list(members) for name, members in groups.items()}
+    plan = matrix.build_plan(policy, plain_groups, hosts, random_port=int(random_port))
+    return {"plan": plan, "listeners": matrix.listener_ports(plan), "probes": matrix.probes_by_source(plan),
+            "self_checks": matrix.self_checks(plan)}
+
+
+def verify_matrix(hostvars, plan, hosts, probe_var="__portguard_probe", before_var="__portguard_counters_before",
+                  after_var="__portguard_counters_after"):
+    """Join the registered probe results and counters of ``hosts`` to the plan: the verdict and its reports."""
+    results, before, after = {}, {}, {}
+    for host in hosts:
+        variables = hostvars[host]
+        probe = variables.get(probe_var) or {}
+        if probe.get("results"):
+            results[host] = probe["results"]
+        for store, name in ((before, before_var), (after, after_var)):
+            counters = (variables.get(name) or {}).get("counters") or {}
+            for direction in ("in", "out"):
+                if counters.get(f"denied_{direction}") is not None:
+                    store[f"{host}/{direction}"] = counters[f"denied_{direction}"]
+    cells, problems, counters = matrix.evaluate(plan, results, before, after)
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "counters": counters,
+        "cells": len(cells),
+        "table": matrix.render_table(cells),
+        "json": matrix.to_json(cells, problems, counters),
+        "junit": matrix.to_junit(cells, problems, counters),
+        "html": matrix.to_html(cells, problems, counters),
+    }
+
+
 class FilterModule:
     def filters(self):
-        return {"ruleset": ruleset, "allowed": allowed, "summary": summary}
+        return {"ruleset": ruleset, "allowed": allowed, "summary": summary, "probe_plan": probe_plan,
+                "verify_matrix": verify_matrix}

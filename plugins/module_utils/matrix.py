@@ -105,6 +105,15 @@ def listener_ports(plan) -> dict[str, list[dict]]:
     return {host: [{"port": p, "proto": proto} for p, proto in sorted(pairs)] for host, pairs in needed.items()}
 
 
+def self_checks(plan) -> dict[str, list[dict]]:
+    """Per destination host, its own addresses and ports: the listeners are checked from inside first."""
+    needed: dict[str, set] = {}
+    for probe in plan:
+        needed.setdefault(probe["dst"], set()).add((probe["address"], probe["port"], probe["proto"]))
+    return {host: [{"address": a, "port": p, "proto": proto} for a, p, proto in sorted(items)]
+            for host, items in needed.items()}
+
+
 def probes_by_source(plan) -> dict[str, list[dict]]:
     grouped: dict[str, list[dict]] = {}
     for probe in plan:

@@ -39,7 +39,7 @@ def default_concurrency() -> int:
 
 
 class _Attempt:
-    __slots__ = ("index", "target", "sock", "sent", "family")
+    __slots__ = ("index", "target", "sock", "sent")
 
     def __init__(self, index, target):
         self.index = index
@@ -55,7 +55,10 @@ def _result(target, state, reason, rtt=None):
 
 
 def probe_ports(targets, *, timeout=1.0, concurrency=None, source=None):
-    """Probe ``targets`` (``(address, port, proto)`` triples); one result dict per target, in order."""
+    """Probe ``targets``, ``(address, port, proto[, source])`` tuples; one result dict per target, in order.
+
+    ``source`` is the default source address for targets that name none.
+    """
     concurrency = concurrency or default_concurrency()
     results = [None] * len(targets)
     pending = deque(enumerate(targets))
@@ -66,8 +69,8 @@ def probe_ports(targets, *, timeout=1.0, concurrency=None, source=None):
         while pending or inflight:
             while pending and len(inflight) < concurrency:
                 index, target = pending.popleft()
-                attempt = _Attempt(index, target)
-                done = _start(attempt, source)
+                attempt = _Attempt(index, tuple(target[:3]))
+                done = _start(attempt, target[3] if len(target) > 3 and target[3] else source)
                 if done is not None:
                     results[index] = done
                     continue
@@ -101,6 +104,8 @@ def probe_ports(targets, *, timeout=1.0, concurrency=None, source=None):
         for attempt in list(inflight.values()):
             _close(poller, inflight, attempt)
         poller.close()
+    for target, result in zip(targets, results):
+        result["source"] = target[3] if len(target) > 3 and target[3] else source
     return results
 
 

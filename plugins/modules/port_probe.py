@@ -45,6 +45,9 @@ options:
         type: str
         choices: [tcp, udp]
         default: tcp
+      source:
+        description: Source address for this target (default, O(source)).
+        type: str
   ports:
     description:
       - Extra TCP ports to probe on every address of O(sweep_addresses), as ranges like C(1-65535).
@@ -119,14 +122,15 @@ from ansible_collections.portguard.hardening.plugins.module_utils.validate impor
 def build_targets(params):
     targets = []
     for item in params["targets"]:
-        targets.append((str(ipaddress.ip_address(item["address"])), item["port"], item["proto"]))
+        source = item["source"] or params["source"]
+        targets.append((str(ipaddress.ip_address(item["address"])), item["port"], item["proto"], source))
     ranges = []
     for index, spec in enumerate(params["ports"]):
         ranges.extend(parse_ports(spec, f"ports[{index}]"))
     for address in params["sweep_addresses"]:
         address = str(ipaddress.ip_address(address))
         for low, high in ranges:
-            targets.extend((address, port, "tcp") for port in range(low, high + 1))
+            targets.extend((address, port, "tcp", params["source"]) for port in range(low, high + 1))
     return targets
 
 
@@ -137,6 +141,7 @@ def main():
                 "address": {"type": "str", "required": True},
                 "port": {"type": "int", "required": True},
                 "proto": {"type": "str", "choices": ["tcp", "udp"], "default": "tcp"},
+                "source": {"type": "str"},
             }},
             "ports": {"type": "list", "elements": "str", "default": []},
             "sweep_addresses": {"type": "list", "elements": "str", "default": []},
@@ -151,8 +156,7 @@ def main():
     except (ValueError, PortguardError) as exc:
         module.fail_json(msg=f"bad target: {exc}")
     started = time.monotonic()
-    results = probe_ports(targets, timeout=module.params["timeout"],
-                          concurrency=module.params["concurrency"] or None, source=module.params["source"])
+    results = probe_ports(targets, timeout=module.params["timeout"], concurrency=module.params["concurrency"] or None)
     summary = {"open": 0, "closed": 0, "filtered": 0}
     for result in results:
         summary[result["state"]] += 1
