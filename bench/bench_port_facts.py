@@ -102,7 +102,7 @@ def median_of(repeats, func):
     """``((median wall seconds, median CPU seconds), last result)``."""
     walls, cpus = [], []
     result = None
-    for _ in range(repeats):
+    for _run in range(repeats):
         cpu = cpu_seconds()
         seconds, result = _common.timed(func)
         cpus.append(cpu_seconds() - cpu)
@@ -165,7 +165,7 @@ def inner(args):
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     lpf_path = find_listen_ports_facts(args.community_general)
     print(_common.machine_facts())
-    print(f"ss: {subprocess.run(['ss', '-V'], capture_output=True, text=True).stdout.strip()}")
+    print(f"ss: {subprocess.run(['ss', '-V'], check=True, capture_output=True, text=True).stdout.strip()}")
     if lpf_path is None:
         print("community.general not found: listen_ports_facts column skipped "
               "(pip install ansible==12.3.0, or --community-general PATH)")
@@ -196,7 +196,8 @@ def main():
     if os.geteuid() != 0 or not shutil.which("unshare"):
         sys.exit("needs root and unshare(1): the sockets are opened in a fresh network namespace")
     started = time.monotonic()
-    code = subprocess.run(["unshare", "--net", sys.executable, __file__, "--inner", *sys.argv[1:]]).returncode
+    code = subprocess.run(["unshare", "--net", sys.executable, __file__, "--inner", *sys.argv[1:]],
+                          check=False).returncode
     print(f"total {time.monotonic() - started:.0f} s")
     sys.exit(code)
 
