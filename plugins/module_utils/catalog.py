@@ -116,12 +116,12 @@ def host_addresses(host: str, hostvars: dict) -> tuple[str, ...]:
         values = [raw] if isinstance(raw, str) else raw
         if not isinstance(values, list):
             raise SchemaError(f"{base}.portguard_addresses", f"expected a list of addresses, got {type_name(raw)}")
-        result = []
+        parsed = set()
         for index, value in enumerate(values):
             path = f"{base}.portguard_addresses[{index}]"
             parse_network(value, path, plain=True)
-            result.append(str(ipaddress.ip_address(value)))
-        return tuple(sorted(set(result), key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a))))
+            parsed.add(ipaddress.ip_address(value))
+        return tuple(str(a) for a in sorted(parsed, key=lambda a: (a.version, a)))
     ansible_host = variables.get("ansible_host")
     if isinstance(ansible_host, str):
         try:
@@ -204,6 +204,8 @@ class _Compiler:
         self.labels: list[Label] = []
         self.label_ids: dict[Label, int] = {}
         self.flows_to: dict[str, list[Flow]] = {}
+        self._ingress_memo: dict[tuple, tuple] = {}
+        self._source_starts: dict[tuple, list] = {}
         for flow in self.flows:
             for host in flow.targets:
                 self.flows_to.setdefault(host, []).append(flow)
@@ -500,15 +502,23 @@ class _Compiler:
             raise UnknownNameError("inventory_hostname", f"{host!r} is not an inventory host")
         settings = self.hosts[host]
         controller = self.controller if controller_addresses is None else self._controller(controller_addresses)
-        floor = [self.management] if self.management else []
-        management_rects = self._ingress_rects(host, floor)
-        for key, items in self._controller_rects(host, controller).items():
-            management_rects.setdefault(key, []).extend(items)
-        rects = self._ingress_rects(host, self.flows_to.get(host, []))
-        for key, items in management_rects.items():
-            rects.setdefault(key, []).extend(items)
+        controller_rects = self._controller_rects(host, controller)
+        # Hosts of one group usually get the same flows: their whitelists are built once and shared
+        # (entries are immutable), which makes a play over many hosts cost about one build per group.
+        flows = self.flows_to.get(host, [])
+        memo_key = (tuple(map(id, flows)), tuple((key, tuple(items)) for key, items in sorted(controller_rects.items())))
+        if memo_key not in self._ingress_memo:
+            floor = [self.management] if self.management else []
+            management_rects = self._ingress_rects(host, floor)
+            for key, items in controller_rects.items():
+                management_rects.setdefault(key, []).extend(items)
+            rects = self._ingress_rects(host, flows)
+            for key, items in management_rects.items():
+                rects.setdefault(key, []).extend(items)
+            self._ingress_memo[memo_key] = (self._entries(rects), self._entries(management_rects))
+        ingress, management = self._ingress_memo[memo_key]
         egress = self._egress(host) if settings.egress else ()
-        return HostPolicy(host, settings, self._entries(rects), egress, self._entries(management_rects))
+        return HostPolicy(host, settings, ingress, egress, management)
 
     def _egress(self, host):
         """Destinations this host may open connections to: flows whose sources include one of its addresses."""
@@ -517,7 +527,9 @@ class _Compiler:
         flows = [*self.flows, *([self.management] if self.management else [])]
         for flow in flows:
             for family in FAMILIES:
-                starts = [lo for lo, _ in flow.sources[family]]
+                starts = self._source_starts.get((id(flow), family))
+                if starts is None:  # computed once per flow, not once per egress host
+                    starts = self._source_starts[id(flow), family] = [lo for lo, _ in flow.sources[family]]
                 if not any(address_in(flow.sources[family], starts, lo) for lo, _ in mine[family]):
                     continue
                 for target in sorted(flow.targets):

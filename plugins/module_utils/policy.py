@@ -10,6 +10,8 @@ on the order of the catalog.
 
 import bisect
 import ipaddress
+import operator
+import socket
 from dataclasses import dataclass, field
 
 FAMILIES = (4, 6)
@@ -37,11 +39,21 @@ class Entry:
     port_hi: int
     labels: tuple[Label, ...]
 
+    # The hosts of a group share their entries (see catalog.build): the texts are written once per
+    # entry and kept outside the fields, so that equality, hashing and repr do not change.
     def address_text(self) -> str:
-        return interval_text(self.family, self.addr_lo, self.addr_hi)
+        text = self.__dict__.get("_address_text")
+        if text is None:
+            text = interval_text(self.family, self.addr_lo, self.addr_hi)
+            object.__setattr__(self, "_address_text", text)
+        return text
 
     def cidrs(self) -> list[str]:
-        return interval_cidrs(self.family, self.addr_lo, self.addr_hi)
+        cidrs = self.__dict__.get("_cidrs")
+        if cidrs is None:
+            cidrs = tuple(interval_cidrs(self.family, self.addr_lo, self.addr_hi))
+            object.__setattr__(self, "_cidrs", cidrs)
+        return list(cidrs)
 
     def port_text(self, sep: str = "-") -> str:
         return str(self.port_lo) if self.port_lo == self.port_hi else f"{self.port_lo}{sep}{self.port_hi}"
@@ -137,21 +149,57 @@ class Policy:
         return self.host(dst_host).allowed_in(src_address, port, proto)
 
 
+def _v6_text_ipaddress(value: int) -> str:
+    return str(ipaddress.IPv6Address(value))
+
+
+def _v6_text_ntop(value: int) -> str:
+    # ::/96 and ::ffff:0:0/96: inet_ntop writes an embedded IPv4 address there, ipaddress does not
+    if value >> 32 in (0, 0xFFFF):
+        return str(ipaddress.IPv6Address(value))
+    return socket.inet_ntop(socket.AF_INET6, value.to_bytes(16, "big"))
+
+
+def _pick_v6_text():
+    """inet_ntop is about 8x faster than ipaddress; use it only where it writes what ipaddress writes."""
+    samples = ("2001:db8::1", "2001:db8:0:1:1:1:1:1", "1:0:0:2:0:0:0:3", "1:0:0:2:0:0:3:4", "fe80::", "::1:2:3:4:5",
+               "2001:db8:ab:cd:ef:1234:5678:9abc", "1::", "0:1::", "ffff::ffff:1:2", "1:2:3:4:5:6:7:0")
+    try:
+        if all(_v6_text_ntop(int(ipaddress.IPv6Address(s))) == str(ipaddress.IPv6Address(s)) for s in samples):
+            return _v6_text_ntop
+    except (OSError, ValueError, AttributeError):
+        pass
+    return _v6_text_ipaddress
+
+
+_v6_text = _pick_v6_text()
+
+
+def address_text(family: int, value: int) -> str:
+    """One address as ``ipaddress`` writes it (and as nft lists it), without building an address object."""
+    if family == 4:
+        return socket.inet_ntoa(value.to_bytes(4, "big"))
+    return _v6_text(value)
+
+
 def interval_text(family: int, low: int, high: int) -> str:
     """An address range as nft writes it: an address, a CIDR or ``a-b``."""
-    cls = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
     if low == high:
-        return str(cls(low))
+        return address_text(family, low)
     size = high - low + 1
     if size & (size - 1) == 0 and low % size == 0:
         bits = 32 if family == 4 else 128
-        return f"{cls(low)}/{bits - size.bit_length() + 1}"
-    return f"{cls(low)}-{cls(high)}"
+        return f"{address_text(family, low)}/{bits - size.bit_length() + 1}"
+    return f"{address_text(family, low)}-{address_text(family, high)}"
 
 
 def interval_cidrs(family: int, low: int, high: int) -> list[str]:
     cls = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
     return [str(net) for net in ipaddress.summarize_address_range(cls(low), cls(high))]
+
+
+_LOW_HIGH = operator.itemgetter(0, 1)
+_ADDR_PORT = operator.attrgetter("addr_lo", "port_lo")
 
 
 def merge_intervals(intervals):
@@ -160,7 +208,7 @@ def merge_intervals(intervals):
     Adjacent intervals are joined as well, so that the result is minimal.
     """
     merged = []
-    for low, high, tag in sorted(intervals, key=lambda item: (item[0], item[1])):
+    for low, high, tag in sorted(intervals, key=_LOW_HIGH):
         if merged and low <= merged[-1][1] + 1:
             last = merged[-1]
             if high > last[1]:
@@ -192,21 +240,27 @@ def disjoint_entries(family: int, proto: str, rects, labels: list[Label]) -> lis
             if not items:
                 continue
             merged = merge_intervals(items)
-            shape = [(low, high) for low, high, _ in merged]
             last = segments[-1] if segments else None
-            if last and last[1] + 1 == start and [(lo, hi) for lo, hi, _ in last[2]] == shape:
+            if last and last[1] + 1 == start and [(lo, hi) for lo, hi, _ in last[2]] == [
+                    (low, high) for low, high, _ in merged]:
                 for old, new in zip(last[2], merged):
                     old[2] |= new[2]
                 segments[-1] = (last[0], stop - 1, last[2])
             else:
                 segments.append((start, stop - 1, merged))
     entries = []
+    singles: dict[int, tuple[Label]] = {}  # most entries have one label: build each 1-tuple once
     for port_lo, port_hi, merged in segments:
         for addr_lo, addr_hi, tags in merged:
-            entries.append(
-                Entry(family, proto, addr_lo, addr_hi, port_lo, port_hi, tuple(sorted(labels[t] for t in tags)))
-            )
-    entries.sort(key=lambda e: (e.addr_lo, e.port_lo))
+            if len(tags) == 1:
+                (tag,) = tags
+                found = singles.get(tag)
+                if found is None:
+                    found = singles[tag] = (labels[tag],)
+            else:
+                found = tuple(sorted(labels[t] for t in tags))
+            entries.append(Entry(family, proto, addr_lo, addr_hi, port_lo, port_hi, found))
+    entries.sort(key=_ADDR_PORT)
     return entries
 
 
