@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from ansible_collections.portguard.hardening.plugins.module_utils.listeners import collect_listeners
+
 ROOT = Path(__file__).resolve().parents[2]
 HELPER = Path(__file__).with_name("port_facts_netns.py")
 USERS = re.compile(r'\("((?:[^"\\]|\\.)*)",pid=(\d+),fd=\d+\)')
@@ -133,3 +135,20 @@ def test_module_through_ansible_reports_a_socket_we_hold():
     result = run_module("-a", "protocols=udp include_process=false")
     assert {item["protocol"] for item in result["ansible_facts"]["portguard_listeners"]} <= {"udp"}
     assert all(item["pid"] is None for item in result["ansible_facts"]["portguard_listeners"])
+
+
+def test_listeners_of_other_network_namespaces_are_skipped_harmlessly():
+    require(os.geteuid() == 0, "root")
+    require(shutil.which("unshare"), "the unshare command")
+    # A process of this pid namespace listening in its own network namespace, as a container would.
+    code = ("import socket, sys; s = socket.socket(); s.bind(('0.0.0.0', 0)); s.listen(); "
+            "print(s.getsockname()[1], flush=True); sys.stdin.read()")
+    with subprocess.Popen(["unshare", "--net", sys.executable, "-c", code], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as other:
+        try:
+            other.stdout.readline()
+            found = collect_listeners()
+        finally:
+            other.stdin.close()
+    assert other.returncode == 0
+    assert all(other.pid not in item["pids"] for item in found)
