@@ -1,0 +1,221 @@
+"""The two ways a ruleset gets into a kernel, as the host module will do it, plus the foreign rules around it.
+
+Each backend knows how to load a rendered ruleset (twice is a replace), how
+to read back our own rules in the form the renderer writes them, how to read
+the deny counters, and how to set up and snapshot foreign rules (Docker-like
+nat and filter chains, a fail2ban-like nft table) that loading ours must not
+touch.
+"""
+
+import re
+
+from kernel_lab import NetLab, normalize_nft, rendered_table
+
+from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import render_iptables
+from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import render_nftables
+
+# A fail2ban-like native table: a base chain of its own on the input hook,
+# banning an address the sample never uses.
+FOREIGN_NFT = """table inet f2b-table {
+	set addr-set-sshd {
+		type ipv4_addr
+		elements = { 198.51.100.7 }
+	}
+
+	chain f2b-chain {
+		type filter hook input priority filter - 1; policy accept;
+		tcp dport 22 ip saddr @addr-set-sshd reject with icmp port-unreachable
+	}
+}
+"""
+# What Docker and a hand-made INPUT rule leave in iptables. No sampled packet
+# matches a foreign filter rule; the nat PREROUTING jump does see probes (it
+# matches every local destination), which is why counters are compared only
+# around loads, when no probe runs.
+FOREIGN_IPV4 = """*nat
+:DOCKER - [0:0]
+-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
+-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER
+-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE
+-A DOCKER -i docker0 -j RETURN
+COMMIT
+*filter
+:FORWARD DROP [0:0]
+:DOCKER - [0:0]
+:DOCKER-ISOLATION-STAGE-1 - [0:0]
+:DOCKER-USER - [0:0]
+-A INPUT -s 198.51.100.1/32 -j DROP
+-A FORWARD -j DOCKER-USER
+-A FORWARD -j DOCKER-ISOLATION-STAGE-1
+-A FORWARD -o docker0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A FORWARD -o docker0 -j DOCKER
+-A DOCKER-ISOLATION-STAGE-1 -j RETURN
+-A DOCKER-USER -j RETURN
+COMMIT
+"""
+FOREIGN_IPV6 = """*filter
+:DOCKER-USER - [0:0]
+-A INPUT -s 2001:db8:dead::1/128 -j DROP
+-A FORWARD -j DOCKER-USER
+-A DOCKER-USER -j RETURN
+COMMIT
+"""
+OUR_TABLE = ("inet", "portguard")
+
+
+def nft_tables(lab: NetLab) -> list[tuple[str, str]]:
+    listing = lab.ns(lab.dst, "nft", "list", "tables").stdout
+    return [tuple(line.split()[1:3]) for line in listing.splitlines() if line.startswith("table ")]
+
+
+def nft_snapshot(lab: NetLab, skip=()) -> dict:
+    """Every table but ours (and ``skip``), exactly as ``nft list table`` prints it, counters included."""
+    return {f"{family} {name}": lab.ns(lab.dst, "nft", "list", "table", family, name).stdout
+            for family, name in nft_tables(lab) if (family, name) != OUR_TABLE and (family, name) not in skip}
+
+
+class Nftables:
+    name = "nftables"
+    tools = ("nft", "iptables-nft-restore", "ip6tables-nft-restore")
+
+    def render(self, policy) -> str:
+        return render_nftables(policy)
+
+    def load(self, lab: NetLab, policy) -> None:
+        lab.ns(lab.dst, "nft", "-f", "-", input=self.render(policy))
+
+    def create_foreign(self, lab: NetLab) -> None:
+        # The tables iptables-nft makes for Docker and for a hand-made rule, and a native one.
+        lab.ns(lab.dst, "iptables-nft-restore", "--noflush", input=FOREIGN_IPV4)
+        lab.ns(lab.dst, "ip6tables-nft-restore", "--noflush", input=FOREIGN_IPV6)
+        lab.ns(lab.dst, "nft", "-f", "-", input=FOREIGN_NFT)
+
+    def foreign(self, lab: NetLab, strip_counters: bool = False) -> dict:
+        snapshot = nft_snapshot(lab)
+        return {key: normalize_nft(text) for key, text in snapshot.items()} if strip_counters else snapshot
+
+    def live(self, lab: NetLab) -> str:
+        return normalize_nft(lab.ns(lab.dst, "nft", "list", "table", *OUR_TABLE).stdout)
+
+    def expected(self, policy) -> str:
+        return rendered_table(self.render(policy))
+
+    def copies(self, lab: NetLab) -> dict:
+        return {"table inet portguard": nft_tables(lab).count(OUR_TABLE)}
+
+    def expected_copies(self, policy) -> dict:
+        return {"table inet portguard": 1}
+
+    def counter(self, lab: NetLab, direction: str) -> int:
+        text = lab.ns(lab.dst, "nft", "list", "counter", *OUR_TABLE, f"denied_{direction}").stdout
+        return int(re.search(r"packets (\d+)", text).group(1))
+
+
+_SAVE_COUNTS = re.compile(r"^\[\d+:\d+\] ")
+_POLICY_COUNTS = re.compile(r"^(:\S+ \S+) \[\d+:\d+\]$")
+_OURS = re.compile(r"^(:PORTGUARD-|-A PORTGUARD-|-A (INPUT|OUTPUT) -j PORTGUARD-(IN|OUT)$)")
+
+
+class Iptables:
+    """``variant`` "default" is whatever ``iptables-restore`` is (iptables-nft on Debian 12); "legacy" is x_tables."""
+
+    name = "iptables"
+
+    def __init__(self, variant: str):
+        self.variant = variant
+        suffix = "-legacy" if variant == "legacy" else ""
+        self.cmd = {family: f"{prefix}{suffix}" for family, prefix in ((4, "iptables"), (6, "ip6tables"))}
+        self.restore = {family: f"{prefix}{suffix}-restore" for family, prefix in ((4, "iptables"), (6, "ip6tables"))}
+        self.save = {family: f"{prefix}{suffix}-save" for family, prefix in ((4, "iptables"), (6, "ip6tables"))}
+        self.tools = ("nft", *self.cmd.values(), *self.restore.values(), *self.save.values())
+
+    def render(self, policy):
+        return render_iptables(policy)
+
+    def _payload(self, ruleset, family: int) -> str:
+        return ruleset.ipv4 if family == 4 else ruleset.ipv6
+
+    def load(self, lab: NetLab, policy) -> None:
+        """What the firewall module does: restore our chains without flushing, then add each jump once."""
+        lab.used_legacy |= self.variant == "legacy"
+        ruleset = self.render(policy)
+        for family in (4, 6):
+            lab.ns(lab.dst, self.restore[family], "-w", "5", "--noflush", input=self._payload(ruleset, family))
+        for builtin, chain in ruleset.jumps:
+            for family in (4, 6):
+                check = lab.ns(lab.dst, self.cmd[family], "-w", "5", "-C", builtin, "-j", chain, check=False)
+                if check.returncode == 1:
+                    lab.ns(lab.dst, self.cmd[family], "-w", "5", "-I", builtin, "1", "-j", chain)
+                elif check.returncode != 0:
+                    raise AssertionError(f"{self.cmd[family]} -C {builtin} -j {chain}: {check.stderr.strip()}")
+
+    def create_foreign(self, lab: NetLab) -> None:
+        lab.used_legacy |= self.variant == "legacy"
+        lab.ns(lab.dst, self.restore[4], "-w", "5", "--noflush", input=FOREIGN_IPV4)
+        lab.ns(lab.dst, self.restore[6], "-w", "5", "--noflush", input=FOREIGN_IPV6)
+        lab.ns(lab.dst, "nft", "-f", "-", input=FOREIGN_NFT)
+
+    def _save(self, lab: NetLab, family: int, *args: str) -> str:
+        return lab.ns(lab.dst, self.save[family], *args).stdout
+
+    def foreign(self, lab: NetLab, strip_counters: bool = False) -> dict:
+        """Every table of both families minus our chains and jumps, and every nft table iptables does not show.
+
+        Rule counters are kept; the packet counters of built-in chain policies
+        are blanked, because IPv6 neighbour discovery and MLD may bump them at
+        any moment.
+        """
+        snapshot = {}
+        for family in (4, 6):
+            lines = []
+            for line in self._save(lab, family, "-c").splitlines():
+                if line.startswith("#"):
+                    continue  # "Generated by ... on <date>"
+                if _OURS.match(_SAVE_COUNTS.sub("", line)):
+                    continue
+                line = _POLICY_COUNTS.sub(r"\1", line)
+                lines.append(_SAVE_COUNTS.sub("", line) if strip_counters else line)
+            snapshot[f"{self.save[family]}"] = "\n".join(lines)
+        # The filter tables are those iptables-nft shares with us; the save output above covers them.
+        skip = {("ip", "filter"), ("ip6", "filter"), ("ip", "nat"), ("ip6", "nat")} if self.variant != "legacy" else set()
+        for key, text in nft_snapshot(lab, skip=skip).items():
+            snapshot[key] = normalize_nft(text) if strip_counters else text
+        return snapshot
+
+    def _our_lines(self, lab: NetLab, family: int) -> list[str]:
+        return [line for line in self._save(lab, family, "-t", "filter").splitlines()
+                if line.startswith("-A PORTGUARD-")]
+
+    def live(self, lab: NetLab) -> str:
+        return "\n".join(f"{line}" for family in (4, 6) for line in self._our_lines(lab, family)) + "\n"
+
+    def expected(self, policy) -> str:
+        ruleset = self.render(policy)
+        lines = [line for family in (4, 6) for line in self._payload(ruleset, family).splitlines()
+                 if line.startswith("-A ")]
+        return "\n".join(lines) + "\n"
+
+    def copies(self, lab: NetLab) -> dict:
+        found = {}
+        for family in (4, 6):
+            saved = self._save(lab, family, "-t", "filter").splitlines()
+            for builtin, chain in (("INPUT", "PORTGUARD-IN"), ("OUTPUT", "PORTGUARD-OUT")):
+                found[f"IPv{family} {builtin} -j {chain}"] = saved.count(f"-A {builtin} -j {chain}")
+                found[f"IPv{family} :{chain}"] = sum(1 for line in saved if line.startswith(f":{chain} "))
+        return found
+
+    def expected_copies(self, policy) -> dict:
+        jumps = set(self.render(policy).jumps)
+        return {f"IPv{family} {key}": int((builtin, chain) in jumps) for family in (4, 6)
+                for builtin, chain in (("INPUT", "PORTGUARD-IN"), ("OUTPUT", "PORTGUARD-OUT"))
+                for key in (f"{builtin} -j {chain}", f":{chain}")}
+
+    def counter(self, lab: NetLab, direction: str) -> int:
+        pattern = re.compile(rf"^\[(\d+):\d+\] -A PORTGUARD-{direction.upper()} -m comment --comment denied_{direction} ")
+        total = 0
+        for family in (4, 6):
+            hits = [int(m.group(1)) for m in map(pattern.match, self._save(lab, family, "-c", "-t", "filter").splitlines())
+                    if m]
+            assert len(hits) == 1, f"IPv{family}: expected one denied_{direction} rule, found {len(hits)}"
+            total += hits[0]
+        return total
