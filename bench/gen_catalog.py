@@ -297,20 +297,23 @@ def whitelist_catalog(entries: int, *, client: str, server: str, server_address:
     """A catalog whose host ``server`` admits ``entries`` distinct sources on ``port``/tcp.
 
     The sources are single addresses (about ``v6_share`` of them IPv6) drawn
-    from documentation and benchmarking ranges, kept apart so that they do not
-    merge; ``client`` is one of them, placed near the end of the list.
+    from 100.64.0.0/10 and 2001:db8:bee::/48, kept apart so that they do not
+    merge; ``client`` is one of them, placed near the end of the list (give
+    an address that sorts after 100.64.0.0/10, such as 198.18.0.2, to put it
+    last in address order too).
     """
     rng = random.Random(seed)
     client_value = ipaddress.ip_address(client)
     chosen: set = {client_value}
-    v4_base = int(ipaddress.IPv4Address("198.18.0.0"))  # 198.18.0.0/15, 131,072 addresses
+    # even addresses only, so that no two sources are adjacent and merge into a range
+    v4_base = int(ipaddress.IPv4Address("100.64.0.0"))  # 100.64.0.0/10: 2M even addresses
     v6_base = int(ipaddress.IPv6Address("2001:db8:bee::"))
     sources = []
     while len(sources) < entries - 1:
         if rng.random() < v6_share:
             value = ipaddress.IPv6Address(v6_base + 2 * rng.getrandbits(40))
         else:
-            value = ipaddress.IPv4Address(v4_base + 2 * rng.getrandbits(16))
+            value = ipaddress.IPv4Address(v4_base + 2 * rng.getrandbits(21))
         if value in chosen:
             continue
         chosen.add(value)
