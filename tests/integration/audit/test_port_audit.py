@@ -271,7 +271,9 @@ def test_reports_on_the_controller(lab, passing_run):
 
 
 def test_fail_on_unapproved_fails_the_task(lab, passing_run):
-    done = run_playbook(lab, fail_on=["unapproved"])
+    # Its own report directory, so that the passing run's reports stay as they were.
+    report_dir = lab["work"] / "reports-fail"
+    done = run_playbook(lab, fail_on=["unapproved"], portguard_report_dir=str(report_dir))
     assert done.returncode != 0, done.stdout
     output = done.stdout
     assert "failed=1" in output
@@ -285,7 +287,7 @@ def test_fail_on_unapproved_fails_the_task(lab, passing_run):
         assert row.split()[1:3] in (["6379/tcp", "0.0.0.0"], ["6379/tcp", "::"])
         assert "socat (" in row and " nobody " in row and "unapproved:" in row
     assert {row.split()[2] for row in rows} == {"0.0.0.0", "::"}
-    report_dir = lab["work"] / "reports" / "audit"
+    report_dir = report_dir / "audit"
     report = json.loads((report_dir / f"{lab['name']}.json").read_text())
     assert report["failed"] is True and report["fail_on"] == ["unapproved"]
     root = ET.parse(report_dir / f"{lab['name']}.xml").getroot()  # noqa: S314 - our own output
