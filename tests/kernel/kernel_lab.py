@@ -171,8 +171,10 @@ class NetLab:
             # in total; with hundreds of rejected probes from one source, "reject"
             # would then look like "drop". The ratemasks lift both limits, in our
             # namespaces only: the tests check what the ruleset answers, not the limiter.
-            for setting in ("net.ipv4.icmp_ratemask=0", "net.ipv6.icmp.ratemask="):
+            # (net.ipv6.icmp.ratemask is young; the per-peer ratelimit=0 is the fallback.)
+            for setting in ("net.ipv4.icmp_ratemask=0", "net.ipv6.icmp.ratelimit=0"):
                 self.ns(namespace, "sysctl", "-qw", setting)
+            self.ns(namespace, "sysctl", "-qw", "net.ipv6.icmp.ratemask=", check=False)
             run("ip", "-n", namespace, "link", "set", "lo", "up")
         run("ip", "link", "add", self.dst_if, "netns", self.dst, "type", "veth",
             "peer", "name", self.src_if, "netns", self.src)
@@ -265,7 +267,7 @@ class NetLab:
                     self.ns(namespace, "conntrack", "-F", "-f", family, check=False)
 
     def probe(self, namespace: str, probes: list, tcp_timeout: float = TCP_TIMEOUT, udp_timeout: float = UDP_TIMEOUT,
-              parallel: int = 1000) -> list[str]:
+              parallel: int = 2500) -> list[str]:
         """Run ``[dst, port, proto, src or None]`` probes from ``namespace``; one state each (see nsagent.py)."""
         request = json.dumps({"tcp_timeout": tcp_timeout, "udp_timeout": udp_timeout, "parallel": parallel,
                               "probes": probes})

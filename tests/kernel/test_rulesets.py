@@ -100,10 +100,16 @@ def _probe(lab, backend, policy, host: str, direction: str, audit: bool):
     return cases, states, expected, counted, (low, high)
 
 
-@pytest.mark.parametrize("mode", ["enforce", "audit"])
-@pytest.mark.parametrize("host", HOSTS)
-def test_packets_follow_the_catalog(prepared, backend, compile_example, host, mode):
-    policy = compile_example(**{host: {"portguard_mode": mode}})
+# Every host in both modes with its own settings, and desk1 once more with
+# "drop", so that egress is also tested dropping.
+SCENARIOS = [(host, mode, {}) for mode in ("enforce", "audit") for host in HOSTS] + [
+    ("desk1", "enforce", {"portguard_deny": "drop"})]
+
+
+@pytest.mark.parametrize(("host", "mode", "variables"), SCENARIOS,
+                         ids=[f"{h}-{m}{'-drop' if v else ''}" for h, m, v in SCENARIOS])
+def test_packets_follow_the_catalog(prepared, backend, compile_example, host, mode, variables):
+    policy = compile_example(**{host: {"portguard_mode": mode, **variables}})
     hp = policy.host(host)
     lab = prepared(host)
     backend.load(lab, hp)
