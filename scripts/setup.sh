@@ -48,6 +48,17 @@ install_system_packages() {
 create_venv() {
   local stamp="$VENV/.requirements.sha256" want
   want="$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)"
+  # Entry points carry the venv's absolute path: a venv copied or moved with the
+  # clone runs nothing, so it is made anew.
+  if [ -x "$VENV/bin/python" ]; then
+    case "$(head -n1 "$VENV/bin/pip" 2>/dev/null)" in
+      "#!$VENV/bin/python"*) ;;
+      *)
+        say "venv: $VENV was made for another location; recreating it"
+        rm -rf "$VENV"
+        ;;
+    esac
+  fi
   if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
     say "venv: $VENV up to date"
     return
@@ -57,9 +68,10 @@ create_venv() {
     python3 -m venv "$VENV"
   fi
   say "venv: installing requirements-dev.txt"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$REQUIREMENTS"
+  # -qq: errors only; the machine's pip configuration may warn once per package.
+  "$VENV/bin/python" -m pip install -qq --disable-pip-version-check -r "$REQUIREMENTS"
   printf '%s\n' "$want" >"$stamp"
-  say "venv: ready ($("$VENV/bin/ansible" --version | head -n1))"
+  say "venv: ready (ansible-core $("$VENV/bin/python" -c 'import ansible.release; print(ansible.release.__version__)'))"
 }
 
 link_collection() {
