@@ -65,13 +65,33 @@ inputs_hash=$(
     } | sha256sum | cut -c1-16
 )
 
-if [ "$force" != 1 ] && podman image exists "$image"; then
+up_to_date() {
+    local current
+    podman image exists "$image" || return 1
     current=$(podman image inspect --format "{{ index .Labels \"$label\" }}" "$image" 2>/dev/null || true)
     if [ "$current" = "$inputs_hash" ]; then
         echo "lab-image.sh: $image is up to date (inputs $inputs_hash)"
-        exit 0
+        return 0
     fi
     echo "lab-image.sh: $image has inputs '${current:-none}', want $inputs_hash: rebuilding"
+    return 1
+}
+
+if [ "$force" != 1 ] && up_to_date; then
+    exit 0
+fi
+
+# One build at a time on this machine (two checkouts or test runs may start
+# one together); whoever waited finds the image built and stops here.
+lock="${TMPDIR:-/tmp}/portguard-lab-image.lock"
+exec 9>"$lock"
+if ! flock -n 9; then
+    echo "lab-image.sh: another build is running, waiting for it"
+    flock 9
+    if [ "$force" != 1 ] && up_to_date >/dev/null; then
+        echo "lab-image.sh: $image was built meanwhile (inputs $inputs_hash)"
+        exit 0
+    fi
 fi
 
 for tool in debootstrap podman tar sha256sum python3; do
@@ -97,7 +117,9 @@ rootfs="$work/rootfs"
 cleanup() {
     # debootstrap may leave pseudo file systems mounted when it fails.
     for mnt in proc sys dev/pts dev; do
-        mountpoint -q "$rootfs/$mnt" 2>/dev/null && umount -l "$rootfs/$mnt" || true
+        if mountpoint -q "$rootfs/$mnt" 2>/dev/null; then
+            umount -l "$rootfs/$mnt" || true
+        fi
     done
     rm -rf --one-file-system "$work"
 }
@@ -125,11 +147,16 @@ rm -f "$rootfs"/etc/ssh/ssh_host_*
 rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/log/*.log
 : > "$rootfs/etc/hostname"
 
-podman image rm -f "$image" >/dev/null 2>&1 || true
+# The tag moves to the new image; the old one is removed only when no container
+# uses it (podman image rm --force would remove those containers too).
+old_id=$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
 tar --numeric-owner -C "$rootfs" -c . | podman import --quiet \
     --change 'ENTRYPOINT ["/usr/bin/catatonit", "--"]' \
     --change 'CMD ["sleep", "infinity"]' \
     --change "LABEL $label=$inputs_hash" \
     --change "LABEL org.portguard.lab.suite=$suite" \
     - "$image" >/dev/null
+if [ -n "$old_id" ]; then
+    podman image rm "$old_id" >/dev/null 2>&1 || true
+fi
 echo "lab-image.sh: built $image (inputs $inputs_hash) in $(( $(date +%s) - start )) s"

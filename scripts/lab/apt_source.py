@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Print the Debian mirror (and its keyring) that this machine's apt uses.
 
 The lab image must come from the same mirror the machine is configured for,
@@ -39,7 +38,7 @@ def _one_line_entries(path: str) -> Iterator[tuple[str, list[str], list[str], st
                     if item.endswith("]"):
                         break
                 for option in options:
-                    key, _, value = option.partition("=")
+                    key, _sep, value = option.partition("=")
                     if key.lower() == "signed-by":
                         keyring = value
             if len(fields) < 2:
@@ -77,7 +76,7 @@ def _deb822_entries(path: str) -> Iterator[tuple[str, list[str], list[str], str]
         if raw[0].isspace() and last_key:
             stanza[last_key] += "\n" + raw.strip()
             continue
-        key, _, value = raw.partition(":")
+        key, _sep, value = raw.partition(":")
         last_key = key.strip().lower()
         stanza[last_key] = value.strip()
 

@@ -10,12 +10,14 @@ Needs root and podman: missing requirements fail in CI and skip elsewhere.
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -120,6 +122,10 @@ def lab(tmp_path_factory):
         "the containers.podman collection (pip install ansible, see requirements-dev.txt)",
     )
 
+    # Two test runs on one machine (two checkouts, xdist) would fight over the same
+    # container names and network: the second waits for the first.
+    lock = open(Path(tempfile.gettempdir()) / "portguard-labtest.lock", "w", encoding="utf-8")
+    fcntl.flock(lock, fcntl.LOCK_EX)
     state = tmp_path_factory.mktemp("lab")
     lab = Lab(state)
     lab.inventory.write_text(INVENTORY, encoding="utf-8")
@@ -134,10 +140,13 @@ def lab(tmp_path_factory):
     try:
         yield lab
     finally:
-        lab.sh("down")
-        assert run(["podman", "network", "exists", NETWORK], env=lab.env, check=False).returncode != 0
-        left = run(["podman", "ps", "-a", "--filter", f"name={PREFIX}", "--format", "{{.Names}}"], env=lab.env)
-        assert not left.stdout.strip(), f"containers left after down: {left.stdout}"
+        try:
+            lab.sh("down")
+            assert run(["podman", "network", "exists", NETWORK], env=lab.env, check=False).returncode != 0
+            left = run(["podman", "ps", "-a", "--filter", f"name={PREFIX}", "--format", "{{.Names}}"], env=lab.env)
+            assert not left.stdout.strip(), f"containers left after down: {left.stdout}"
+        finally:
+            lock.close()
 
 
 def test_status_lists_every_host_running_with_its_addresses(lab):
@@ -190,7 +199,7 @@ def test_tcp_crosses_the_network_between_containers_in_both_families(lab):
         "socat TCP6-LISTEN:18090,ipv6only=0,reuseaddr,fork SYSTEM:'echo peer=$SOCAT_PEERADDR' >/dev/null 2>&1 & echo $!",
     ).stdout.strip()
     try:
-        for _ in range(50):
+        for _attempt in range(50):
             if ":18090 " in lab.exec("beta", "ss -Htln 'sport = :18090'").stdout:
                 break
             time.sleep(0.1)
