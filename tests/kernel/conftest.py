@@ -3,11 +3,22 @@
 import copy
 
 import pytest
+from kernel_backends import Iptables, Nftables
 from kernel_lab import HOSTS, TODAY, NetLab, build_sample, require
 
 from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog
 
 LAB_TOOLS = ("ip", "nft", "sysctl")
+BACKENDS = {"nftables": Nftables, "iptables": lambda: Iptables("default"),
+            "iptables-legacy": lambda: Iptables("legacy")}
+
+
+@pytest.fixture(scope="module", params=list(BACKENDS))
+def backend(request):
+    """nftables; iptables through the default iptables-restore (iptables-nft on Debian 12); iptables-legacy."""
+    chosen = BACKENDS[request.param]()
+    require(*chosen.tools)
+    return chosen
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ touch.
 
 import re
 
-from kernel_lab import NetLab, normalize_nft, rendered_table
+from kernel_lab import NetLab, compare, denied_states, matrix, normalize_nft, rendered_table, short
 
 from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import render_iptables
 from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import render_nftables
@@ -219,3 +219,69 @@ class Iptables:
             assert len(hits) == 1, f"IPv{family}: expected one denied_{direction} rule, found {len(hits)}"
             total += hits[0]
         return total
+
+
+def _probe(lab: NetLab, backend, policy, host: str, direction: str, sources, ports, require_both: bool):
+    """Probe every (address, port, protocol) of the sample in one direction.
+
+    Returns the cases, their states, the catalog's decisions, how much the
+    deny counter rose, and the bounds it must lie in: one packet per probe
+    the catalog denies (plus one per retried one), and at most as many more
+    as TCP retransmitted in the prober's namespace (a SYN re-sent because the
+    machine was too slow to give up in time).
+    """
+    hp = policy.host(host)
+    cases = matrix(sources, ports)
+    if direction == "in":
+        namespace = lab.src
+        probes = [[lab.target(source), port, proto, source] for source, port, proto in cases]
+        expected = [policy.allowed(source, host, port, proto) for source, port, proto in cases]
+    else:
+        namespace = lab.dst  # the prober's addresses are the destinations
+        probes = [[address, port, proto, None] for address, port, proto in cases]
+        expected = [hp.allowed_out(address, port, proto) for address, port, proto in cases]
+    if require_both:
+        for family in (4, 6):
+            wanted = [want for (address, _, _), want in zip(cases, expected) if (":" in address) == (family == 6)]
+            assert any(wanted) and not all(wanted), f"the IPv{family} sample must hold allowed and denied cases"
+    through = [True] * len(cases) if hp.settings.mode == "audit" else expected
+    lab.flush_conntrack()
+    before, retransmits = backend.counter(lab, direction), lab.tcp_retransmits(namespace)
+    states = lab.probe(namespace, probes)
+    # A probe that should get through but timed out gets one more, slower try:
+    # a busy machine must not fail the test, and a wrong drop times out again.
+    retry = [index for index, state in enumerate(states) if state == "timeout" and through[index]]
+    if retry:
+        for index, state in zip(retry, lab.probe(namespace, [probes[i] for i in retry], 0.9, 3.0)):
+            states[index] = state
+    counted = backend.counter(lab, direction) - before
+    low = expected.count(False) + sum(1 for index in retry if not expected[index])
+    high = low + lab.tcp_retransmits(namespace) - retransmits
+    return cases, states, expected, counted, (low, high)
+
+
+def check_traffic(lab: NetLab, backend, policy, host: str, sources=None, ports=None, require_both=False) -> None:
+    """Real probes, in each direction the host filters, must get through exactly as the catalog decides.
+
+    Enforce: through iff allowed, and (inbound) denied probes fail as
+    ``portguard_deny`` says. Audit: everything through. Both: the deny
+    counter counts one packet per denied probe.
+    """
+    hp = policy.host(host)
+    sources = lab.sources() if sources is None else [s for s in sources if s in lab.src_addresses]
+    ports = lab.sample.ports if ports is None else ports
+    for direction in ["in", "out"] if hp.settings.egress else ["in"]:
+        cases, states, expected, counted, (low, high) = _probe(lab, backend, policy, host, direction, sources, ports,
+                                                               require_both)
+        if hp.settings.mode == "audit":
+            blocked = compare(cases, states, [True] * len(cases))
+            assert not blocked, f"audit mode blocked {direction}bound traffic:\n{short(blocked)}"
+        else:
+            wrong = compare(cases, states, expected)
+            assert not wrong, f"{len(wrong)} of {len(cases)} {direction}bound probes disagree with the catalog:\n" \
+                              f"{short(wrong)}"
+            if direction == "in":
+                unlike = denied_states(cases, states, expected, hp.settings.deny)
+                assert not unlike, f"denied probes did not {hp.settings.deny}:\n{short(unlike)}"
+        assert low <= counted <= high, f"denied_{direction} counted {counted} packets, expected " + \
+            (f"{low} (one per probe the catalog denies)" if low == high else f"{low} to {high} (SYNs were retransmitted)")

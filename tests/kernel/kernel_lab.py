@@ -90,23 +90,23 @@ def _catalog_ports(variables: dict) -> set[int]:
     """Every cataloged port, and for a range its bounds, middle and outside neighbours."""
     ports = set()
     for spec in (variables.get("portguard_services") or {}).values():
-        for part in str(spec["port"]).split(","):
-            low, _, high = part.strip().partition("-")
+        for part in spec["port"] if isinstance(spec["port"], list) else [spec["port"]]:
+            low, _, high = str(part).partition("-")
             low, high = int(low), int(high or low)
             ports.update({low, high} if low == high else {low - 1, low, (low + high) // 2, high, high + 1})
-    return ports
+    return {port for port in ports if 0 < port < 65536}
 
 
-def build_sample(policy, variables: dict, hosts=HOSTS, seed: int = 2) -> Sample:
+def build_sample(policy, variables: dict, hosts=HOSTS, seed: int = 2, extra_sources=HAND_PICKED) -> Sample:
     """Sources and ports that exercise the policy of ``hosts``: generated from it, not typed in.
 
-    Sources: the hand-picked ones, every inventory host's addresses and, for
+    Sources: ``extra_sources``, every inventory host's addresses and, for
     every whitelist entry of the hosts (ingress and egress), its first and
     last address and the neighbours just outside. Ports: every cataloged
     port, the bounds of every entry and their outside neighbours, commonly
     exposed uncataloged ports and one random high port.
     """
-    sources = {ipaddress.ip_address(a) for a in HAND_PICKED}
+    sources = {ipaddress.ip_address(a) for a in extra_sources}
     host_addresses = {}
     for host, settings in policy.hosts.items():
         host_addresses[host] = settings.addresses
@@ -125,6 +125,16 @@ def build_sample(policy, variables: dict, hosts=HOSTS, seed: int = 2) -> Sample:
             ports.update(p for p in (entry.port_lo - 1, entry.port_lo, entry.port_hi, entry.port_hi + 1) if 0 < p < 65536)
     usable = sorted((a for a in sources if _usable(a)), key=lambda a: (a.version, a))
     return Sample(tuple(str(a) for a in usable), tuple(sorted(ports)), host_addresses)
+
+
+def merge_samples(samples) -> Sample:
+    """One sample holding every source and port of ``samples`` (for a lab that serves them all)."""
+    samples = list(samples)
+    sources = {ipaddress.ip_address(a) for sample in samples for a in sample.sources}
+    ports = {port for sample in samples for port in sample.ports}
+    host_addresses = {host: addresses for sample in samples for host, addresses in sample.host_addresses.items()}
+    return Sample(tuple(str(a) for a in sorted(sources, key=lambda a: (a.version, a))), tuple(sorted(ports)),
+                  host_addresses)
 
 
 # The network ---------------------------------------------------------------------
@@ -233,8 +243,15 @@ class NetLab:
         return next(a for a in self.dst_addresses if (6 if ":" in a else 4) == family)
 
     def check_reachability(self) -> None:
-        """With no ruleset, every sampled port answers both ways: a blocked probe later means a filter."""
-        cases = matrix(self.sources(), self.sample.ports)
+        """With no ruleset, every port answers and every source is answered, both ways.
+
+        So a probe blocked later is blocked by a filter. Listeners are bound to
+        the wildcard address and routes are per family, so every port from one
+        source per family, and every source on one port, covers the lab.
+        """
+        sources = self.sources()
+        firsts = [next(s for s in sources if (":" in s) == v6) for v6 in (False, True)]
+        cases = sorted(set(matrix(firsts, self.sample.ports) + matrix(sources, self.sample.ports[:1])))
         inbound = self.probe(self.src, [[self.target(s), port, proto, s] for s, port, proto in cases], 2.0, 2.0)
         outbound = self.probe(self.dst, [[s, port, proto, None] for s, port, proto in cases], 2.0, 2.0)
         failed = [f"{direction} {s} {port}/{proto}: {state}" for direction, states in (("in", inbound), ("out", outbound))
