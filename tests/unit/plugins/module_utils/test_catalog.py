@@ -35,8 +35,8 @@ def build(case):
     return catalog, groups, hostvars
 
 
-def compile_all(catalog, groups, hostvars, today=TODAY):
-    policy = compile_catalog(catalog, groups, hostvars, today=today)
+def compile_all(catalog, groups, hostvars, today=TODAY, controller=()):
+    policy = compile_catalog(catalog, groups, hostvars, today=today, controller_addresses=controller)
     for host in policy.hosts:
         policy.host(host)
     return policy
@@ -48,13 +48,13 @@ def test_validation_case(case):
     today = case.get("today", TODAY)
     if "error" in case:
         with pytest.raises(errors.CatalogError) as info:
-            compile_all(catalog, groups, hostvars, today)
+            compile_all(catalog, groups, hostvars, today, case.get("controller", ()))
         assert type(info.value) is getattr(errors, case["error"]), str(info.value)
         assert info.value.path == case["path"], str(info.value)
         assert case.get("message", "") in info.value.message
         assert str(info.value).startswith(f"{case['path']}: ")
         return
-    policy = compile_all(catalog, groups, hostvars, today)
+    policy = compile_all(catalog, groups, hostvars, today, case.get("controller", ()))
     if "finding" in case:
         found = {(finding.code, finding.path) for finding in policy.findings}
         assert ((case["finding"], case["path"]) in found) != case.get("absent", False), sorted(found)
@@ -223,6 +223,40 @@ def test_missing_management_is_reported():
     policy = compile_catalog(catalog, GROUPS, HOSTVARS, today=TODAY)
     assert ("management-missing", "portguard_management") in {(f.code, f.path) for f in policy.findings}
     assert policy.host("db1").ingress == ()
+
+
+# --- the controller's own connection -----------------------------------------------
+
+
+def test_controller_connection_is_always_allowed_on_the_ssh_port():
+    catalog = small_catalog(portguard_flows=[{"name": "pub", "from": "any", "to": "webservers", "services": ["https"]}])
+    hostvars = {**HOSTVARS, "db1": {**HOSTVARS["db1"], "ansible_port": "2222"}}
+    policy = compile_catalog(catalog, GROUPS, hostvars, today=TODAY, controller_addresses=["192.0.2.10", "2001:db8:c::1"])
+    for host, port in (("web1", 22), ("db1", 2222)):
+        for src in ("192.0.2.10", "2001:db8:c::1"):
+            assert policy.allowed(src, host, port, "tcp")
+            assert policy.host(host).management_only().allowed_in(src, port, "tcp")
+        assert not policy.allowed("192.0.2.10", host, 443 if host == "db1" else 80, "tcp")
+        assert not policy.allowed("192.0.2.11", host, port, "tcp")
+    assert not policy.allowed("192.0.2.10", "db1", 22, "tcp")
+    assert policy.host("db1").why_in("192.0.2.10", 2222, "tcp")[0].flow == "controller"
+
+
+def test_controller_of_one_host_overrides_the_compiled_one():
+    catalog = small_catalog(portguard_flows=[{"name": "pub", "from": "any", "to": "webservers", "services": ["https"]}])
+    policy = compile_catalog(catalog, GROUPS, HOSTVARS, today=TODAY, controller_addresses=["192.0.2.10"])
+    other = policy.host("db1", controller_addresses=["198.51.100.1"])
+    assert other.allowed_in("198.51.100.1", 22, "tcp") and not other.allowed_in("192.0.2.10", 22, "tcp")
+    assert policy.host("db1").allowed_in("192.0.2.10", 22, "tcp")
+
+
+@pytest.mark.parametrize("connection", ["podman", "containers.podman.podman", "local", "community.docker.docker"])
+def test_connections_without_network_have_no_controller_entry(connection):
+    catalog = small_catalog(portguard_flows=[{"name": "pub", "from": "any", "to": "webservers", "services": ["https"]}])
+    hostvars = {**HOSTVARS, "db1": {**HOSTVARS["db1"], "ansible_connection": connection}}
+    policy = compile_catalog(catalog, GROUPS, hostvars, today=TODAY, controller_addresses=["192.0.2.10"])
+    assert not policy.allowed("192.0.2.10", "db1", 22, "tcp")
+    assert policy.allowed("192.0.2.10", "web1", 22, "tcp")
 
 
 def test_unknown_host_is_refused():
