@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 """Benchmark: gathering listening sockets with port_facts, ss and listen_ports_facts.
 
     sudo .venv/bin/python bench/bench_port_facts.py [--sizes 50,2000,10000] [--baseline-max 2000]
