@@ -2,7 +2,7 @@
 # Local multi-host lab: one podman container per inventory host, on a
 # dual-stack podman network, each with exactly its portguard_addresses.
 #
-# Usage: scripts/lab.sh up|down|status|check|ssh-setup [HOST...|all] [options]
+# Usage: scripts/lab.sh up|down|status|check|network|ssh-setup [HOST...|all] [options]
 #   --inventory PATH   inventory (default examples/inventory)
 #   --prefix STR       container name = STR + inventory host (default portguard-)
 #   --network NAME     podman network (default portguard-lab)

@@ -12,6 +12,7 @@ Commands:
   check      real TCP/UDP traffic between two lab hosts over IPv4 and IPv6
   ssh-setup  start sshd in hosts and authorize a key, for tests whose
              management connection must cross the (cuttable) network
+  network    only create the dual-stack network (for Molecule platforms)
 """
 
 from __future__ import annotations
@@ -339,6 +340,13 @@ def cmd_up(args: argparse.Namespace, hosts: list[Host]) -> int:
     return 0
 
 
+def cmd_network(args: argparse.Namespace, hosts: list[Host]) -> int:
+    """Only the dual-stack network, for tools that start their own containers (Molecule)."""
+    ensure_network(args.network, args.subnet4, args.subnet6)
+    log(f"network {args.network} ready ({args.subnet4}, {args.subnet6})")
+    return 0
+
+
 def cmd_down(args: argparse.Namespace, hosts: list[Host]) -> int:
     start = time.monotonic()
     names = set(lab_containers(args.network)) | {h.container for h in hosts}
@@ -429,8 +437,9 @@ def cmd_check(args: argparse.Namespace, hosts: list[Host]) -> int:
     failures = []
     try:
         # Wait for the listeners inside the server before probing from the client.
+        # Both sockets: probing before the UDP one is bound fails at random under load.
         for _attempt in range(50):
-            if f":{port} " in lab_exec(server.container, f"ss -Htln 'sport = :{port}'").stdout:
+            if len(lab_exec(server.container, f"ss -Htuln 'sport = :{port}'").stdout.splitlines()) >= 2:
                 break
             time.sleep(0.1)
         for family, address in (("IPv4", server.v4), ("IPv6", server.v6)):
@@ -439,8 +448,12 @@ def cmd_check(args: argparse.Namespace, hosts: list[Host]) -> int:
             target = address if family == "IPv4" else f"[{address}]"
             for proto, spec in (("tcp", f"TCP:{target}:{port},connect-timeout=3"), ("udp", f"UDP:{target}:{port}")):
                 # -T: UDP has no end of stream, socat waits that long for more data.
-                out = lab_exec(client.container, f"echo ping | timeout 5 socat -T2 - {spec}", check=False)
-                ok = token in out.stdout
+                # UDP gets a second try: a datagram may be lost, a blocked path stays blocked.
+                for _attempt in range(2 if proto == "udp" else 1):
+                    out = lab_exec(client.container, f"echo ping | timeout 5 socat -T2 - {spec}", check=False)
+                    ok = token in out.stdout
+                    if ok:
+                        break
                 print(f"{client.name} -> {server.name} {family} {proto}/{port}: {'ok' if ok else 'FAILED'}")
                 if not ok:
                     failures.append(f"{family} {proto}: {out.stderr.strip() or 'no answer'}")
@@ -540,7 +553,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="lab.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["up", "down", "status", "check", "ssh-setup"])
+    parser.add_argument("command", choices=["up", "down", "status", "check", "ssh-setup", "network"])
     parser.add_argument("hosts", nargs="*", help="ssh-setup: inventory hosts, or 'all'")
     parser.add_argument("--inventory", "-i", default=DEFAULTS["inventory"])
     parser.add_argument("--prefix", default=DEFAULTS["prefix"], help="container name = prefix + inventory host")
@@ -580,8 +593,16 @@ def main(argv: list[str]) -> int:
         subnet6 = ipaddress.IPv6Network(args.subnet6)
         if shutil.which("podman") is None:
             raise LabError("podman not found (apt-get install podman runc netavark aardvark-dns catatonit)")
-        hosts = load_hosts(args.inventory, subnet4, subnet6, args.prefix)
-        command = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "check": cmd_check, "ssh-setup": cmd_ssh_setup}
+        # The network alone needs no inventory (Molecule brings its own hosts).
+        hosts = [] if args.command == "network" else load_hosts(args.inventory, subnet4, subnet6, args.prefix)
+        command = {
+            "up": cmd_up,
+            "down": cmd_down,
+            "status": cmd_status,
+            "check": cmd_check,
+            "ssh-setup": cmd_ssh_setup,
+            "network": cmd_network,
+        }
         return command[args.command](args, hosts)
     except (LabError, ValueError, subprocess.TimeoutExpired, OSError) as exc:
         log(f"error: {exc}")
