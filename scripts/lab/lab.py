@@ -418,6 +418,20 @@ def lab_exec(container: str, script: str, *, check: bool = True, timeout: float 
     return podman("exec", container, "sh", "-c", script, check=check, timeout=timeout)
 
 
+# Runs inside a lab container: send one line over TCP or UDP, print the first answer.
+PROBE = """
+import socket, sys
+proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+with socket.socket(family, kind) as sock:
+    sock.settimeout(3)
+    sock.connect((host, port))
+    sock.sendall(b"ping\\n")
+    print(sock.recv(4096).decode(errors="replace"))
+"""
+
+
 def cmd_check(args: argparse.Namespace, hosts: list[Host]) -> int:
     """Real traffic between two containers, both families, TCP and UDP, plus ping."""
     by_name = {h.name: h for h in hosts}
@@ -445,18 +459,20 @@ def cmd_check(args: argparse.Namespace, hosts: list[Host]) -> int:
         for family, address in (("IPv4", server.v4), ("IPv6", server.v6)):
             if address is None:
                 continue
-            target = address if family == "IPv4" else f"[{address}]"
-            for proto, spec in (("tcp", f"TCP:{target}:{port},connect-timeout=3"), ("udp", f"UDP:{target}:{port}")):
-                # -T: UDP has no end of stream, socat waits that long for more data.
-                # UDP gets a second try: a datagram may be lost, a blocked path stays blocked.
+            for proto in ("tcp", "udp"):
+                # The client returns as soon as the answer arrives (socat would wait a fixed
+                # 0.5 s after its input ends, too short under load). UDP gets a second try:
+                # a datagram may be lost, a blocked path stays blocked.
                 for _attempt in range(2 if proto == "udp" else 1):
-                    out = lab_exec(client.container, f"echo ping | timeout 5 socat -T2 - {spec}", check=False)
+                    out = podman(
+                        "exec", client.container, "python3", "-c", PROBE, proto, address, str(port), check=False
+                    )  # fmt: skip
                     ok = token in out.stdout
                     if ok:
                         break
                 print(f"{client.name} -> {server.name} {family} {proto}/{port}: {'ok' if ok else 'FAILED'}")
                 if not ok:
-                    failures.append(f"{family} {proto}: {out.stderr.strip() or 'no answer'}")
+                    failures.append(f"{family} {proto}: {(out.stderr.strip().splitlines() or ['no answer'])[-1]}")
             ping = "ping" if family == "IPv4" else "ping -6"
             out = lab_exec(client.container, f"{ping} -c1 -W2 {address}", check=False)
             print(f"{client.name} -> {server.name} {family} icmp echo: {'ok' if out.returncode == 0 else 'FAILED'}")

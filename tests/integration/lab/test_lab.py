@@ -205,7 +205,10 @@ def test_tcp_crosses_the_network_between_containers_in_both_families(lab):
             time.sleep(0.1)
         for family, index in (("IPv4", 0), ("IPv6", 1)):
             target = HOSTS["beta"][index] if index == 0 else f"[{HOSTS['beta'][index]}]"
-            out = lab.exec("alpha", f"echo hello | timeout 10 socat -T5 - TCP:{target}:18090,connect-timeout=5").stdout
+            # -t5: socat waits only 0.5 s for the answer after its input ends, too short under load.
+            out = lab.exec(
+                "alpha", f"echo hello | timeout 10 socat -t5 -T5 - TCP:{target}:18090,connect-timeout=5"
+            ).stdout
             peer = ipaddress.ip_address(out.strip().removeprefix("peer=").strip("[]"))
             # A dual-stack listener sees an IPv4 peer as an IPv4-mapped IPv6 address.
             peer = getattr(peer, "ipv4_mapped", None) or peer
