@@ -194,6 +194,10 @@ def interval_text(family: int, low: int, high: int) -> str:
 
 
 def interval_cidrs(family: int, low: int, high: int) -> list[str]:
+    size = high - low + 1
+    if size & (size - 1) == 0 and low % size == 0:  # one block (most entries): no summarizing needed
+        bits = 32 if family == 4 else 128
+        return [f"{address_text(family, low)}/{bits - size.bit_length() + 1}"]
     cls = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
     return [str(net) for net in ipaddress.summarize_address_range(cls(low), cls(high))]
 
