@@ -2,12 +2,12 @@
 
 from ansible.errors import AnsibleFilterError
 
+from ansible_collections.portguard.hardening.plugins.module_utils import matrix
 from ansible_collections.portguard.hardening.plugins.module_utils.catalog import (
     CATALOG_VARS,
     compile_cached,
     select_hostvars,
 )
-from ansible_collections.portguard.hardening.plugins.module_utils import matrix
 from ansible_collections.portguard.hardening.plugins.module_utils.errors import PortguardError
 from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import render_iptables
 from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import render_nftables

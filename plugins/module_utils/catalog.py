@@ -43,6 +43,7 @@ from ansible_collections.portguard.hardening.plugins.module_utils.validate impor
     parse_network,
     parse_ports,
     parse_protocols,
+    truncate_utf8,
     type_name,
 )
 
@@ -394,7 +395,7 @@ class _Compiler:
             else:
                 # Sorted and deduplicated: reordering or repeating names must not change the output.
                 name = f"{'+'.join(sorted(set(source_names)))}->{'+'.join(sorted(set(target_names)))}"
-                name = check_text(name[:128], f"{path}.from")
+                name = check_text(truncate_utf8(name), f"{path}.from")
             if "description" in item:
                 check_text(item["description"], f"{path}.description")
             expires = parse_expiry(item["expires"], f"{path}.expires") if "expires" in item else None
@@ -572,7 +573,7 @@ def compile_catalog(variables, groups, hostvars, *, today=None, controller_addre
     whitelist on demand.
     """
     if today is None:
-        today = datetime.datetime.now(datetime.timezone.utc).date()
+        today = datetime.datetime.now(datetime.UTC).date()
     compiler = _Compiler(variables, groups, hostvars, today, controller_addresses)
     policy = Policy(hosts=dict(compiler.hosts), findings=compiler.findings, expired=compiler.expired)
     policy._builder = compiler
@@ -611,7 +612,7 @@ def select_hostvars(hostvars, hosts) -> dict:
 def compile_cached(variables, groups, hostvars, *, today=None, controller_addresses=()) -> Policy:
     """``compile_catalog`` memoized on its inputs: one compile per play, not per host."""
     if today is None:
-        today = datetime.datetime.now(datetime.timezone.utc).date()
+        today = datetime.datetime.now(datetime.UTC).date()
     key_data = [catalog_vars(variables), groups, hostvars, today.isoformat(), list(controller_addresses)]
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()
     if key not in _COMPILED:

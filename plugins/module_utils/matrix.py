@@ -91,8 +91,8 @@ def build_plan(policy, groups: dict, hosts, *, random_port: int = 47123):
                             "service": service,
                             "allowed": allowed_in and allowed_out,
                             "expected": "open" if reachable else "filtered",
-                            # whose deny counter must rise: the target's input, or the source's output
-                            "counted_at": f"{dst}/in" if not allowed_in else None if allowed_out else f"{src}/out",
+                            # whose deny counter must rise: the source's output drops first, then the target's input
+                            "counted_at": f"{src}/out" if not allowed_out else None if allowed_in else f"{dst}/in",
                         })
     return plan
 

@@ -29,6 +29,9 @@ OPEN, CLOSED, FILTERED = "open", "closed", "filtered"
 REJECT_ERRNOS = {errno.EHOSTUNREACH, errno.EACCES, errno.ENETUNREACH, errno.EPERM}
 PAYLOAD = b"portguard-probe\n"
 _LINGER_RST = struct.pack("ii", 1, 0)
+# Linux socket options the socket module does not name (linux/in.h, linux/in6.h).
+IP_RECVERR = 11
+IPV6_RECVERR = 25
 
 
 def default_concurrency() -> int:
@@ -117,6 +120,11 @@ def _start(attempt, source):
     sock.setblocking(False)
     if proto == "tcp":
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    # ICMP errors become hard errors at once, even one that arrives during the connect() call itself.
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
     if source:
         sock.bind((source, 0))
     attempt.sock = sock

@@ -79,7 +79,7 @@ def _whitelist(chain: str, entries, direction: str) -> list[str]:
                 ports = f"-m {proto} --dport {chunk[0].port_text(':')}"
             else:
                 ports = f"-m multiport --dports {','.join(e.port_text(':') for e in chunk)}"
-            comment = truncate_utf8("; ".join(dict.fromkeys(l.text() for e in chunk for l in e.labels)), COMMENT_BYTES)
+            comment = truncate_utf8("; ".join(dict.fromkeys(label.text() for e in chunk for label in e.labels)), COMMENT_BYTES)
             rules.append(f'-A {chain} {_address_match(chunk[0], direction)} {ports} '
                          f'-m comment --comment "{comment}" -j ACCEPT')
     return rules

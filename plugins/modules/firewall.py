@@ -19,7 +19,7 @@ description:
     C(portguard.service), ordered before C(network-pre.target), which loads it at boot or falls back
     to the management-only ruleset if it fails to load.
 author:
-  - portguard.hardening contributors
+  - portguard maintainers (@portguard)
 attributes:
   check_mode:
     support: full

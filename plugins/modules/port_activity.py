@@ -10,7 +10,7 @@ description:
   - Reads the deny counters (C(denied_in), C(denied_out)) and the per-entry hit counters of the
     C(inet portguard) table, or of the C(PORTGUARD-IN)/C(PORTGUARD-OUT) chains with the iptables backend.
 author:
-  - portguard.hardening contributors
+  - portguard maintainers (@portguard)
 attributes:
   check_mode:
     support: full

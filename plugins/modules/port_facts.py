@@ -162,6 +162,7 @@ ansible_facts:
 """
 
 from ansible.module_utils.basic import AnsibleModule
+
 from ansible_collections.portguard.hardening.plugins.module_utils.errors import (
     PortguardError,
 )

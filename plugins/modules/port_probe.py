@@ -16,7 +16,7 @@ description:
   - Before an attempt counts as filtered its socket is checked once more, so a busy prober can be
     slow but never reports an answered port as filtered.
 author:
-  - portguard.hardening contributors
+  - portguard maintainers (@portguard)
 attributes:
   check_mode:
     support: full

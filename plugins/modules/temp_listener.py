@@ -12,7 +12,7 @@ description:
   - Used by the C(verify) role so that a blocked port is proven blocked by the firewall, not by the absence
     of a listener. Stops by itself after O(lifetime) seconds, or when called with O(state=stopped).
 author:
-  - portguard.hardening contributors
+  - portguard maintainers (@portguard)
 attributes:
   check_mode:
     support: none

@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 import pytest
+
 from ansible_collections.portguard.hardening.plugins.module_utils import listeners
 from ansible_collections.portguard.hardening.plugins.module_utils.errors import (
     PortguardError,
