@@ -89,7 +89,7 @@ end = start + seconds
 while ok + failed < limit:
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-    s.settimeout(1)
+    s.settimeout(3)
     try:
         if source:
             s.bind((source, 0))
@@ -255,6 +255,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {s: [] for s in args.scenarios}
     shares: dict[str, list[float]] = {s: [] for s in args.scenarios}
     notes = {}
+    failures = dict.fromkeys(args.scenarios, 0)
     try:
         for number in range(args.rounds):
             baseline = None
@@ -266,15 +267,19 @@ def main() -> None:
                         if denied["ok"]:
                             raise RuntimeError(f"{scenario}: a source outside the whitelist got through")
                     result = connect_rate(cli, args.seconds, args.limit)
-                    if result["failed"]:
+                    # a rare timeout (a SYN lost to a full backlog on a busy machine) is noise; a firewall
+                    # that denies the client fails nearly every connection
+                    if result["failed"] > 0.01 * (result["ok"] + result["failed"]):
                         raise RuntimeError(f"{scenario}: {result['failed']} connections failed: {result['error']}")
+                    failures[scenario] += result["failed"]
                     rate = result["ok"] / result["elapsed"]
                     rates[scenario].append(rate)
                     if scenario == "none":
                         baseline = rate
                     if baseline:
                         shares[scenario].append(rate / baseline)
-                    print(f"  round {number + 1}: {scenario:<11} {rate:9.0f} connections/s", flush=True)
+                    lost = f" ({result['failed']} timed out: {result['error']})" if result["failed"] else ""
+                    print(f"  round {number + 1}: {scenario:<11} {rate:9.0f} connections/s{lost}", flush=True)
         print()
         print(f"  {'scenario':<11} {'conn/s (median)':>16} {'% of none':>10}   ruleset")
         for scenario in args.scenarios:
@@ -282,7 +287,8 @@ def main() -> None:
             print(f"  {scenario:<11} {statistics.median(rates[scenario]):>16.0f} {share}   {notes[scenario]}")
         print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         if args.json:
-            args.json.write_text(json.dumps({"rates": rates, "shares": shares, "notes": notes}, indent=1))
+            args.json.write_text(json.dumps({"rates": rates, "shares": shares, "notes": notes, "failures": failures},
+                                            indent=1))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
