@@ -333,11 +333,20 @@ def cmd_up(args: argparse.Namespace, hosts: list[Host]) -> int:
         created += 1
     waited = wait_addresses(hosts, args.timeout)
     write_connection_file(hosts, Path(args.connection_file), args.pipelined)
+    prune_old_images()
     log(
         f"up: {created} created, {kept} kept, addresses ready after {waited:.1f} s, "
         f"total {time.monotonic() - start:.1f} s; connection inventory: {args.connection_file}"
     )
     return 0
+
+
+def prune_old_images() -> None:
+    """Remove lab images that a rebuild untagged, once no container uses them."""
+    proc = podman("images", "--quiet", "--filter", "dangling=true", "--filter", "label=org.portguard.lab.inputs")
+    for old in sorted(set(proc.stdout.split())):
+        # No --force: an image still used by a container (another lab, Molecule) stays.
+        podman("image", "rm", old, check=False)
 
 
 def cmd_network(args: argparse.Namespace, hosts: list[Host]) -> int:
@@ -358,6 +367,7 @@ def cmd_down(args: argparse.Namespace, hosts: list[Host]) -> int:
     conn = Path(args.connection_file)
     if conn.exists():
         conn.unlink()
+    prune_old_images()
     log(f"down: removed {len(present)} containers and network {args.network} in {time.monotonic() - start:.1f} s")
     return 0
 
