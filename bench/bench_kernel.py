@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 """Kernel load time of a rendered nftables ruleset: ``nft -f`` in a throwaway network namespace.
 
 Needs root and ``nft``. For each size (10,000 and 100,000 whitelist elements
@@ -55,7 +55,7 @@ def run(namespace: str, *args: str) -> tuple[float, float]:
 
 
 def cell(values) -> str:
-    walls, cpus = [w for w, _ in values], [c for _, c in values]
+    walls, cpus = [pair[0] for pair in values], [pair[1] for pair in values]
     return f"{ms(min(walls))} ({ms(statistics.median(walls))}) / {ms(min(cpus))}"
 
 
@@ -77,7 +77,7 @@ def main() -> None:
     missing = [tool for tool in ("ip", "nft") if not shutil.which(tool)]
     if os.geteuid() != 0 or missing:
         sys.exit(f"bench_kernel needs root and {', '.join(missing) or 'ip, nft'}")
-    version = subprocess.run(["nft", "--version"], capture_output=True, text=True).stdout.strip()
+    version = subprocess.run(["nft", "--version"], check=True, capture_output=True, text=True).stdout.strip()
     print(machine_facts())
     print(f"{version}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
           f"{args.repeats} repeats, best and median")
@@ -88,7 +88,7 @@ def main() -> None:
     try:
         baseline_file = workdir / "baseline.nft"
         baseline_file.write_text("table inet pgbench_baseline\n")
-        baseline = [run(namespace, "nft", "-f", str(baseline_file)) for _ in range(args.repeats)]
+        baseline = [run(namespace, "nft", "-f", str(baseline_file)) for _repeat in range(args.repeats)]
         run(namespace, "nft", "delete", "table", "inet", "pgbench_baseline")
         print(f"process-start baseline (nft -f of a one-line file): {cell(baseline)}")
         print()
@@ -97,12 +97,12 @@ def main() -> None:
               f"{'replace, 1 changed':>30} {'nft -c':>30}")
         for size in args.sizes:
             text, render = ruleset(size, "10.211.0.2")
-            changed, _ = ruleset(size, "10.211.0.3")
+            changed = ruleset(size, "10.211.0.3")[0]
             path, changed_path = workdir / f"ruleset-{size}.nft", workdir / f"changed-{size}.nft"
             path.write_text(text)
             changed_path.write_text(changed)
             first, replace, replace_changed, check = [], [], [], []
-            for _ in range(args.repeats):
+            for _repeat in range(args.repeats):
                 first.append(run(namespace, "nft", "-f", str(path)))
                 replace.append(run(namespace, "nft", "-f", str(path)))
                 replace_changed.append(run(namespace, "nft", "-f", str(changed_path)))
@@ -121,8 +121,8 @@ def main() -> None:
         print()
         aim = results.get(10_000)
         if aim:
-            best = min(wall for wall, _ in aim["replace"])
-            cpu = min(c for _, c in aim["replace"])
+            best = min(pair[0] for pair in aim["replace"])
+            cpu = min(pair[1] for pair in aim["replace"])
             print(f"aim: 10,000-element atomic replace in <= 100 ms: {ms(best)} wall best, {ms(cpu)} CPU: "
                   f"{'met' if best <= 0.1 else 'met in CPU time (the wall time waits on a loaded machine)' if cpu <= 0.1 else 'NOT met'}")
         if args.json:

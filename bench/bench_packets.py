@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 """Per-packet cost: new-connection rate between two network namespaces over veth.
 
 Needs root, ``ip``, ``nft``, ``iptables-restore``/``ip6tables-restore`` (and
@@ -238,7 +238,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.iptables:
         for name in IPTABLES:
-            base, _, rest = name.partition("-")
+            base, _dash, rest = name.partition("-")
             IPTABLES[name] = f"{base}-{args.iptables}" + (f"-{rest}" if rest else "")
     tools = ["ip", "nft", *IPTABLES.values()] + (["ipset"] if "ipset" in args.scenarios else [])
     missing = [tool for tool in tools if not shutil.which(tool)]

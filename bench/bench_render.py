@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 """Compile plus render of a generated 10,000-entry catalog for 1,000 hosts, next to Aerleon.
 
 One run measures, each repeat in a fresh Python process (so that no cache
@@ -96,7 +96,7 @@ def one_repeat(workdir: Path) -> dict:
         render_nftables(policy.host(host))
         per_host.append(clock.lap())
     result["all_nft"] = _add(compiled, *per_host)
-    result["per_host"] = [wall for wall, _ in per_host]
+    result["per_host"] = [pair[0] for pair in per_host]
     result["per_host_big"] = per_host[hosts.index(big)][0]
     # iptables payloads of every host, policies already built (the policy build is timed above)
     clock = _Clock()
@@ -171,7 +171,7 @@ def main() -> None:
               f"{len(generated.groups) - 1} groups, {len(generated.variables['portguard_flows'])} flows; "
               f"big host {generated.big_host}")
         runs, cli = [], []
-        for _ in range(args.repeats):
+        for _repeat in range(args.repeats):
             raw = subprocess.run([sys.executable, __file__, "--one", str(workdir)], check=True,
                                  capture_output=True, text=True).stdout
             runs.append(json.loads(raw))

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 """Generate a large, deterministic catalog and inventory for the benchmarks.
 
 Shape (defaults; every number is an option):
@@ -112,13 +112,13 @@ def generate(*, seed: int = 2026, network_entries: int = 10_000, services: int =
     partner_total = int(remaining * partner_share)
     for index in range(partners):
         size = partner_total // partners + (1 if index < partner_total % partners else 0)
-        networks[f"partner{index:02d}"] = [addresses.entry() for _ in range(size)]
+        networks[f"partner{index:02d}"] = [addresses.entry() for _number in range(size)]
     small_total = remaining - partner_total
     small_names = []
     while small_total > 0:
         size = min(small_total, max(1, round(rng.expovariate(1 / small_size))))
         name = f"net{len(small_names):04d}"
-        networks[name] = [addresses.entry() for _ in range(size)]
+        networks[name] = [addresses.entry() for _number in range(size)]
         small_names.append(name)
         small_total -= size
     networks["small_all"] = list(small_names)
