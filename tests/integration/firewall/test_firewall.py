@@ -460,6 +460,15 @@ def test_drift_is_reported_in_check_mode_and_repaired(lab, core):
     repair = lab.playbook(core.inventory).ok(core.name)
     assert repair["changed"] is True and repair["state"] == "confirmed"
     assert core.ours(core.backend) == good
+
+    # drift of the persisted boot files alone (the live rules are right): repaired too
+    persisted = f"{firewall_host.PERSIST_DIR}/{'ruleset.nft' if core.backend == 'nftables' else 'ruleset.ipv4'}"
+    saved = core.sh(f"cat {persisted}")
+    core.sh(f"echo '# edited by hand' >> {persisted}")
+    files = lab.playbook(core.inventory).ok(core.name)
+    assert files["changed"] is True and files["persistence"]["files"] == [persisted]
+    assert core.sh(f"cat {persisted}") == saved
+
     assert lab.playbook(core.inventory).ok(core.name)["changed"] is False
     assert foreign_tables(core) == core.foreign_before
 
@@ -734,18 +743,23 @@ def test_lockout_reverts_within_timeout_and_host_stays_reachable(lab, ssh_host, 
 
 
 def test_killed_controller_mid_apply_reverts(lab, ssh_host, tmp_path):
-    """SIGKILL of ansible-playbook while a change awaits confirmation: the host reverts by itself in time,
-    and the next run is not blocked by a stale lock or pending record."""
+    """SIGKILL of the whole controller (ansible-playbook and its workers) right after the host armed its
+    revert: the change goes live, then the host reverts by itself at the timeout, and the next run is not
+    blocked by a stale lock or pending record.
+
+    The host starts without our rules (a first hardening), so the revert must remove them again: the
+    lockout test covers the revert to a previous ruleset.
+    """
     box, backend = ssh_host, ssh_host.backend
-    converge(lab, box)
-    good = box.ours(backend)
-    extra_flow = f"@{FILES / 'catalog_extra_flow.yml'}"
-    proc = lab.playbook(
-        box.inventory, background=tmp_path / "run.json", extra=[extra_flow, {"portguard_rollback_timeout": REVERT}]
-    )
+    lab.playbook(box.inventory, extra=[{"pgit_state": "absent"}]).ok(box.name)
+    assert box.ours(backend) == ""
+    proc = lab.playbook(box.inventory, background=tmp_path / "run.json", extra=[{"portguard_rollback_timeout": REVERT}])
     pending = pending_record(box, proc=proc)
     kill_tree(proc.pid)
     proc.wait(timeout=30)
+    while not box.ours(backend) and time.time() < pending["deadline"]:
+        time.sleep(0.1)
+    assert "198.51.100.0/24" in box.ours(backend), "the change never went live: nothing to revert"
     end = time.monotonic() + REVERT + 10
     while not box.exists("/run/portguard/reverted.json") and time.monotonic() < end:
         time.sleep(0.2)
@@ -753,11 +767,12 @@ def test_killed_controller_mid_apply_reverts(lab, ssh_host, tmp_path):
     assert reverted["token"] == pending["token"] and reverted["errors"] == []
     assert 0 <= reverted["at"] - pending["deadline"] < 3
     assert box.state_files()["pending.json"] is False
-    assert box.ours(backend) == good
+    assert box.ours(backend) == ""
+    assert not box.sh(f"ls -A {firewall_host.PERSIST_DIR} 2>/dev/null || true"), "an unconfirmed ruleset was persisted"
     assert foreign_tables(box) == box.foreign_before
-    result = lab.playbook(box.inventory, extra=[extra_flow]).ok(box.name)
+    result = lab.playbook(box.inventory).ok(box.name)
     assert result["changed"] is True and result["state"] == "confirmed"
-    assert "203.0.113.0/24" in box.ours(backend)
+    assert "198.51.100.0/24" in box.ours(backend)
 
 
 HOLD_SSH = f"""table inet pgit-hold {{
