@@ -353,19 +353,24 @@ class Host:
         except FileNotFoundError:
             return None
 
-    def _wait_for_pending(self, wait_seconds):
-        """Serialize runs: wait while another apply awaits its confirmation (or revert)."""
+    def _wait_for_pending(self, wait_seconds, check_mode=False):
+        """Serialize runs: wait while another apply awaits its confirmation (or revert).
+
+        Returns the lock, and whether an unconfirmed change was left behind by a dead revert process.
+        """
         deadline = time.time() + wait_seconds
         while True:
             lock = self._locked()
             pending = self._pending()
             if pending is None:
-                return lock
+                return lock, False
             if not _alive(pending.get("pid")):
-                # The revert process is gone without reverting (it was killed): revert now.
-                _run_steps(pending["restore"])
-                os.unlink(os.path.join(self.state_dir, "pending.json"))
-                return lock
+                # The revert process is gone without reverting (it was killed): revert now, unless in
+                # check mode, which writes nothing (the next real run reverts it).
+                if not check_mode:
+                    _run_steps(pending["restore"])
+                    os.unlink(os.path.join(self.state_dir, "pending.json"))
+                return lock, True
             lock.close()
             if time.time() > deadline:
                 raise HostError("another portguard run on this host is waiting for its confirmation; try again later")
@@ -376,13 +381,14 @@ class Host:
         """Validate, diff, and apply when different; returns the result dict."""
         if state == "present":
             backend.validate(ruleset)
-        lock = self._wait_for_pending(timeout + 15)
+        lock, stale = self._wait_for_pending(timeout + 15, check_mode)
         try:
             live = backend.live()
             before, after = backend.compare(ruleset) if state == "present" else (_lines(live), [])
             changed = before != after
             result = {
-                "changed": changed,
+                # reverting a stale unconfirmed change is a change even when the catalog's rules follow
+                "changed": changed or stale,
                 "backend": backend.name,
                 "diff": {"before": "\n".join(before) + "\n" if before else "",
                          "after": "\n".join(after) + "\n" if after else "",
@@ -390,6 +396,9 @@ class Host:
                          "after_header": f"rendered {backend.name}"},
                 "token": None,
             }
+            if stale:
+                result["stale_change"] = ("an unconfirmed change whose revert process had died was "
+                                          + ("found; a real run reverts it" if check_mode else "reverted"))
             if not changed or check_mode:
                 return result
             restore = backend.restore_steps(live)

@@ -111,6 +111,12 @@ host_facts:
   description: Backends available, systemd, legacy iptables rule count, the SSH client address.
   returned: phase inspect
   type: dict
+stale_change:
+  description:
+    - Set when an earlier change was left unconfirmed by a revert process that died. A real run reverts it
+      before comparing (and reports a change); check mode only reports it.
+  returned: when such a change was found
+  type: str
 state:
   description: For C(status) and C(confirm), C(confirmed), C(pending), C(reverted) or C(unknown).
   returned: phase status or confirm
