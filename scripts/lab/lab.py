@@ -199,10 +199,11 @@ def start_container(host: Host, args: argparse.Namespace) -> None:
         host.name,
         "--network",
         args.network,
-        # Capabilities to manage the container's own firewall and send raw probes;
+        # Capabilities to manage the container's own firewall and send raw probes,
+        # and SYS_PTRACE so port_facts can read other users' /proc/<pid>/fd;
         # never the host's network namespace.
         "--cap-add",
-        "NET_ADMIN,NET_RAW",
+        "NET_ADMIN,NET_RAW,SYS_PTRACE",
         # A PID 1 that handles SIGTERM: podman 4.3 ignores init=true in containers.conf.
         "--init",
         "--label",
