@@ -414,6 +414,9 @@ class Host:
                 if arm:
                     os.unlink(os.path.join(self.state_dir, "pending.json"))
                 raise
+            # Replacing the table resets its counters: the activity report says since when they count.
+            _write_atomic(os.path.join(self.state_dir, "applied.json"),
+                          json.dumps({"at": time.time(), "token": token, "state": state}), mode=0o644)
             return result
         finally:
             lock.close()
