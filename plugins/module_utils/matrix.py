@@ -169,9 +169,43 @@ def _mark(cells) -> str:
     return "".join(marks)
 
 
+def render_overview(cells) -> str:
+    """At a glance: source segments down, destinations across, the services that are open in each cell.
+
+    A service is listed when it is open in at least one family; ``X:svc`` marks one open that must be blocked,
+    ``!:svc`` one blocked that must be open.
+    """
+    sources = sorted({(c["segment"], c["src"]) for c in cells})
+    destinations = sorted({c["dst"] for c in cells})
+    table = [["from \\ to"] + destinations]
+    for segment, src in sources:
+        row = [f"{segment}({src})"]
+        for dst in destinations:
+            chosen = [c for c in cells if c["src"] == src and c["dst"] == dst]
+            if not chosen:
+                row.append("-")
+                continue
+            names = []
+            for cell in sorted(chosen, key=lambda c: (c["proto"], c["port"])):
+                if not cell["ok"]:
+                    name = f"{'X' if cell['seen'] == 'open' else '!'}:{cell['service']}"
+                elif cell["seen"] == "open":
+                    name = cell["service"]
+                else:
+                    continue
+                if name not in names:
+                    names.append(name)
+            row.append(",".join(names) or "none")
+        table.append(row)
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = ["  ".join(v.ljust(widths[i]) for i, v in enumerate(row)).rstrip() for row in table]
+    return "open services (everything else was blocked, as the catalog says):\n" + "\n".join("  " + x for x in lines)
+
+
 def render_table(cells) -> str:
-    """Per destination host: services down, source segments across."""
-    out = ["legend: + open as expected   . blocked as expected   X open but must be blocked   "
+    """The overview, then per destination host: services down, source segments across."""
+    out = [render_overview(cells), "",
+           "legend: + open as expected   . blocked as expected   X open but must be blocked   "
            "! blocked but must be open   (one mark per family: IPv4 then IPv6)"]
     by_dst: dict[str, list] = {}
     for cell in cells:
