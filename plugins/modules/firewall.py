@@ -28,7 +28,9 @@ attributes:
     support: full
     description: The diff compares the live and the rendered rules, counters left out.
   platform:
+    support: full
     platforms: posix
+    description: Linux hosts (netfilter, /proc).
 options:
   phase:
     description:

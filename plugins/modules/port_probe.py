@@ -23,8 +23,11 @@ attributes:
     description: Probing changes nothing on any host; it runs in check mode too.
   diff_mode:
     support: none
+    description: Nothing to show a diff of.
   platform:
+    support: full
     platforms: posix
+    description: Linux hosts (netfilter, /proc).
 options:
   targets:
     description: What to probe.

@@ -8,7 +8,7 @@ short_description: Temporary TCP and UDP echo listeners for reachability checks
 version_added: 0.1.0
 description:
   - Starts one background process that listens on the given ports (IPv4 and IPv6, all addresses) where
-    nothing listens yet: TCP connections are accepted and closed, UDP datagrams are echoed back.
+    nothing listens yet. TCP connections are accepted and closed, UDP datagrams are echoed back.
   - Used by the C(verify) role so that a blocked port is proven blocked by the firewall, not by the absence
     of a listener. Stops by itself after O(lifetime) seconds, or when called with O(state=stopped).
 author:
@@ -19,8 +19,11 @@ attributes:
     description: Listeners are needed for the probes to mean anything; nothing else is changed.
   diff_mode:
     support: none
+    description: Nothing to show a diff of.
   platform:
+    support: full
     platforms: posix
+    description: Linux hosts (netfilter, /proc).
 options:
   ports:
     description: The ports to listen on.
