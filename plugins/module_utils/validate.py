@@ -8,6 +8,7 @@ a string: whatever reaches a rendered rule went through one of these.
 import datetime
 import ipaddress
 import re
+import socket
 import unicodedata
 
 from ansible_collections.portguard.hardening.plugins.module_utils.errors import (
@@ -32,6 +33,19 @@ _V6_RE = re.compile(r"^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:/(?:0|[1-9]\d{0,2}))?\Z")
 _HOSTNAME_RE = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+\.?\Z")
 _PORT_RE = re.compile(r"^([1-9]\d{0,4})(?:-([1-9]\d{0,4}))?\Z")
 _LOG_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:= -]{1,29}\Z")
+# Fast path of parse_network (a catalog holds thousands of addresses; ipaddress costs
+# about 10 us each): only the plain forms that the full checks below accept, spelled
+# with ASCII classes. Octets 0-255 without leading zeros, prefixes without leading
+# zeros; IPv6 as hex groups of 1-4 digits with at most one "::", no embedded IPv4,
+# no zone. Anything else, and any value the fast path doubts, takes the full path,
+# which also writes the error messages.
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_FAST_V4_RE = re.compile(rf"({_OCTET}(?:\.{_OCTET}){{3}})(?:/(3[0-2]|[12][0-9]|[0-9]))?")
+_HEXTETS = r"[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4})*"
+_FAST_V6_RE = re.compile(rf"((?:{_HEXTETS})?(?:::(?:{_HEXTETS})?)?)(?:/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))?")
+_V4_HOST_BITS = [(1 << (32 - bits)) - 1 for bits in range(33)]
+_V6_HOST_BITS = [(1 << (128 - bits)) - 1 for bits in range(129)]
+_FROM_BYTES = int.from_bytes
 
 
 def type_name(value) -> str:
@@ -102,6 +116,82 @@ def parse_network(value, path: str, *, plain: bool = False) -> tuple[int, int, i
     if isinstance(value, bool) or not isinstance(value, str):
         hint = " (bare integers are not addresses: quote a dotted address)" if isinstance(value, int) else ""
         raise AddressError(path, f"expected an address as a string, got {type_name(value)}{hint}")
+    fast = _parse_network_fast(value, plain) if _FAST_PATH else None
+    if fast is not None:
+        return fast
+    return _parse_network_full(value, path, plain)
+
+
+def _fast_v4(value: str, plain: bool):
+    match = _FAST_V4_RE.fullmatch(value)
+    if match is None:
+        return None
+    address, prefix = match.groups()
+    if prefix is None:
+        value = _FROM_BYTES(socket.inet_aton(address), "big")
+        return 4, value, value
+    if plain:
+        return None
+    first, host_bits = _FROM_BYTES(socket.inet_aton(address), "big"), _V4_HOST_BITS[int(prefix)]
+    if first & host_bits:
+        return None
+    return 4, first, first | host_bits
+
+
+def _fast_v6(value: str, plain: bool):
+    match = _FAST_V6_RE.fullmatch(value)
+    if match is None:
+        return None
+    address, prefix = match.groups()
+    # The pattern allows one "::" at most; the number of groups is checked here, as
+    # ipaddress does: eight without "::", at most seven with it ("::" stands for one or more).
+    colons = address.count(":")
+    if "::" in address:
+        if colons - (address.startswith("::") or address.endswith("::")) > 7:
+            return None
+    elif colons != 7:
+        return None
+    try:
+        first = _FROM_BYTES(socket.inet_pton(socket.AF_INET6, address), "big")
+    except OSError:
+        return None
+    bits = 128 if prefix is None else int(prefix)
+    if prefix is not None and plain:
+        return None
+    if bits >= 96 and first >> 32 == 0xFFFF:
+        return None  # IPv4-mapped: refused below, with its message
+    host_bits = _V6_HOST_BITS[bits]
+    if first & host_bits:
+        return None
+    return 6, first, first | host_bits
+
+
+def _parse_network_fast(value: str, plain: bool):
+    """``parse_network`` of the common, valid forms, or None: then the full checks decide."""
+    if ":" in value:
+        return _fast_v6(value, plain) if "." not in value else None
+    return _fast_v4(value, plain)
+
+
+def _fast_path_agrees() -> bool:
+    """The fast path leans on the C library's inet_aton/inet_pton: use it only where they read as ipaddress does."""
+    samples = ("10.0.0.0/8", "192.168.255.254", "0.0.0.0/0", "255.255.255.255/32", "2001:db8::/32", "::/0", "::1",
+               "fe80::/10", "2001:DB8:0:0:1:0:0:1", "1::", "1:2:3:4:5:6:7::", "::2:3:4:5:6:7:8", "ffff:0:0:0:0:0:0:0/16")
+    try:
+        for sample in samples:
+            network = ipaddress.ip_network(sample)
+            expected = (network.version, int(network.network_address), int(network.broadcast_address))
+            if _parse_network_fast(sample, False) != expected:
+                return False
+    except (OSError, ValueError, AttributeError):
+        return False
+    return True
+
+
+_FAST_PATH = _fast_path_agrees()
+
+
+def _parse_network_full(value: str, path: str, plain: bool) -> tuple[int, int, int]:
     if _HOSTNAME_RE.match(value):
         raise AddressError(path, f"{value!r} looks like a hostname; hostnames are not resolved, give addresses")
     if "%" in value:
