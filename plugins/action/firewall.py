@@ -114,7 +114,8 @@ class ActionModule(ActionBase):
         backend = args.get("backend") or settings.backend
         timeout = int(args.get("rollback_timeout") or settings.rollback_timeout)
         inspected = None
-        if backend == "auto" or task_vars.get("ansible_connection", "ssh") in NETWORK_CONNECTIONS:
+        # iptables needs the facts too: whether the host can hold ipsets.
+        if backend in ("auto", "iptables") or task_vars.get("ansible_connection", "ssh") in NETWORK_CONNECTIONS:
             inspect = self._module(task_vars, phase="inspect")
             if inspect.get("failed"):
                 return inspect
@@ -131,13 +132,28 @@ class ActionModule(ActionBase):
             if not host_policy.allowed_in(address, port, "tcp"):
                 raise AnsibleActionFail(str(LockoutError(
                     "controller_addresses", f"the ruleset would block the controller {address} on port {port}")))
-        render = render_nftables if backend == "nftables" else (lambda p: render_iptables(p).as_dict())
-        ruleset, fallback = render(host_policy), render(host_policy.management_only())
+        if backend == "nftables":
+            ruleset, fallback = render_nftables(host_policy), render_nftables(host_policy.management_only())
+        else:
+            # The whitelist in ipsets where the host has them, else one rule per source. The boot fallback
+            # never needs ipset, so that it loads even where the sets failed.
+            use_ipset = bool(inspected and inspected.get("ipset"))
+            ruleset = render_iptables(host_policy, ipset=use_ipset).as_dict()
+            fallback = render_iptables(host_policy.management_only()).as_dict()
+            if not use_ipset and state == "present":
+                result.setdefault("warnings", []).append(
+                    "no usable ipset on this host (the ipset tool or the kernel's ip_set is missing): the iptables "
+                    "whitelist falls back to one rule per source, whose per-packet cost grows with the catalog")
         applied = self._module(task_vars, phase="apply", backend=backend, ruleset=ruleset, fallback=fallback,
                                state=state, rollback_timeout=timeout, persist=persist,
                                arm_rollback=bool(args.get("confirm", True)))
+        warnings = result.get("warnings", [])
         result.update(applied)
+        if warnings:
+            result["warnings"] = warnings + list(applied.get("warnings") or [])
         result["backend"] = backend
+        if backend == "iptables":
+            result["iptables_whitelist"] = "ipset" if ruleset.get("ipset") else "rules"
         result["controller_addresses"] = controller
         result["findings"] = [f.as_dict() for f in policy.findings]
         result["expired_flows"] = policy.expired

@@ -35,9 +35,22 @@ STATE_DIR = "/run/portguard"
 PERSIST_DIR = "/etc/portguard"
 UNIT_PATH = "/etc/systemd/system/portguard.service"
 LOADER_PATH = "/usr/local/sbin/portguard-load"
+# The ipsets of the iptables backend (render_iptables.SETS), with their family; nothing else is touched.
+SETS = {"portguard-in4": "inet", "portguard-in6": "inet6", "portguard-out4": "inet", "portguard-out6": "inet6"}
+SET_TYPE = "hash:net,port"
+CHECK_PREFIX = "portguard-chk"  # temporary sets of a validation: portguard-chk<pid>-in4
 
 _COUNTER_RE = re.compile(r"\s*counter packets \d+ bytes \d+")
 _ELEMENTS_RE = re.compile(r"elements = \{(.*?)\}", re.S)
+_SET_NAME = r"portguard-(?:in|out)[46]"
+# The only lines a rendered ipset payload may hold (controller-side validation refuses quotes and newlines
+# in comments; this keeps a payload from naming other sets or doing anything else).
+_IPSET_LINE_RE = re.compile(
+    rf"(#[^\n]*|create ({_SET_NAME})-new hash:net,port family inet6? hashsize \d+ maxelem \d+ counters comment"
+    rf"|add ({_SET_NAME})-new [0-9a-fA-F.:/]+,(tcp|udp):\d+(-\d+)? comment \"[^\"\n]*\""
+    rf"|swap ({_SET_NAME})-new \6|destroy ({_SET_NAME})-new)")
+_SET_COUNTERS_RE = re.compile(r" packets \d+ bytes \d+")
+_PORT_RANGE_RE = re.compile(r"^(\S+),(\w+):(\d+)-(\d+)$")
 
 
 class HostError(PortguardError):
@@ -90,6 +103,93 @@ def normalize_iptables(save_output: str) -> list[str]:
     return [*sorted(declared), *sorted(jumps), *(line for chain in CHAINS for line in rules[chain])]
 
 
+def normalize_ipset(text: str | None, rendered: bool = False) -> list[str]:
+    """Our sets from ``ipset save`` (or a rendered payload) as comparable lines.
+
+    Per set: the ``create`` line with what we set (type, family, maxelem, counters, comment; the
+    kernel's hashsize, bucketsize and initval left out), then its elements sorted, counters left
+    out, and port ranges expanded into one element per port, as the kernel stores them. In a
+    rendered payload ``<set>-new`` stands for ``<set>`` (it is swapped in).
+    """
+    creates, adds = {}, {}
+    for line in (text or "").splitlines():
+        words = line.split(" ", 3)
+        if len(words) < 3 or words[0] not in ("create", "add"):
+            continue
+        name = words[1].removesuffix("-new") if rendered else words[1]
+        if words[0] == "create":
+            options = line.split()[2:]
+            kept = [options[0]]
+            for index, word in enumerate(options[1:], 1):
+                if word in ("family", "maxelem"):
+                    kept += [word, options[index + 1]]
+                elif word in ("counters", "comment"):
+                    kept.append(word)
+            creates[name] = f"create {name} {' '.join(kept)}"
+            continue
+        element, rest = words[2], _SET_COUNTERS_RE.sub("", " " + words[3]).strip() if len(words) > 3 else ""
+        tail = f" {rest}" if rest else ""
+        match = _PORT_RANGE_RE.match(element)
+        if match:
+            address, proto, low, high = match.group(1), match.group(2), int(match.group(3)), int(match.group(4))
+            adds.setdefault(name, []).extend(f"add {name} {address},{proto}:{p}{tail}" for p in range(low, high + 1))
+        else:
+            adds.setdefault(name, []).append(f"add {name} {element}{tail}")
+    lines = []
+    for name in sorted(set(creates) | set(adds)):
+        if name in creates:
+            lines.append(creates[name])
+        lines += sorted(adds.get(name, []))
+    return lines
+
+
+def check_ipset_payload(payload: str, sets) -> None:
+    """Refuse a payload or set list that names anything but our own sets, or holds any other command."""
+    for name, family in sets:
+        if SETS.get(name) != family:
+            raise HostError(f"refused set {name!r} ({family!r}): not one of portguard's own sets")
+    for number, line in enumerate(payload.splitlines(), 1):
+        if line and not _IPSET_LINE_RE.fullmatch(line):
+            raise HostError(f"refused ipset payload line {number}: {line[:120]!r}")
+
+
+def ipset_usable() -> bool:
+    """The ipset tool is installed and the kernel has ip_set (``ipset list -n`` fails without it)."""
+    return bool(shutil.which("ipset")) and run(["ipset", "list", "-n"], check=False).returncode == 0
+
+
+def _destroy_stale_checks():
+    """Temporary sets of a validation whose process died before destroying them (it was killed)."""
+    listed = run(["ipset", "list", "-n"], check=False).stdout.split()
+    pids = {name: name[len(CHECK_PREFIX):].split("-")[0] for name in listed if name.startswith(CHECK_PREFIX)}
+    stale = [name for name, pid in pids.items() if pid.isdigit() and not _alive(int(pid))]
+    if stale:
+        run(["sh", "-c", _destroy_sets_script(stale)], check=False)
+
+
+def _destroy_sets_script(names) -> str:
+    """Destroy those of ``names`` that exist; retried briefly, since a rule's reference can outlive it a moment."""
+    return (
+        "command -v ipset >/dev/null 2>&1 || exit 0\n"
+        f"for s in {' '.join(names)}; do\n"
+        "  ipset list -n \"$s\" >/dev/null 2>&1 || continue\n"
+        "  i=0\n"
+        "  until ipset destroy \"$s\"; do\n"
+        "    i=$((i + 1)); [ $i -lt 50 ] || exit 1; sleep 0.1\n"
+        "  done\n"
+        "done\n"
+    )
+
+
+def _prepare_sets_script(sets) -> str:
+    """Make ``<set>-new`` free and the live set exist, so that the payload's ``swap`` works."""
+    lines = []
+    for name, family in sets:
+        lines.append(f"ipset destroy {name}-new 2>/dev/null; ipset list -n {name} >/dev/null 2>&1 || "
+                     f"ipset create {name} {SET_TYPE} family {family} counters comment || exit 1")
+    return "\n".join(lines) + "\n"
+
+
 class NftablesBackend:
     name = "nftables"
 
@@ -136,17 +236,36 @@ class NftablesBackend:
 
 
 class IptablesBackend:
+    """Our chains in both families' filter tables and, in the ipset variant, our sets.
+
+    ``suffix`` picks other iptables commands (``-legacy`` in the kernel tests); the host module
+    uses the default ones.
+    """
+
     name = "iptables"
-    families = (("iptables", "ipv4"), ("ip6tables", "ipv6"))
+
+    def __init__(self, suffix=""):
+        self.families = ((f"iptables{suffix}", "ipv4"), (f"ip6tables{suffix}", "ipv6"))
 
     def _save(self, tool) -> str:
         return run([f"{tool}-save", "-t", "filter"]).stdout
+
+    def _save_sets(self) -> str:
+        """``ipset save`` of our sets (and of a ``-new`` one an interrupted apply left), '' without ipset."""
+        if not shutil.which("ipset"):
+            return ""
+        listed = run(["ipset", "list", "-n"], check=False)
+        if listed.returncode != 0:
+            return ""
+        ours = [name for name in listed.stdout.split() if name.removesuffix("-new") in SETS]
+        return "".join(run(["ipset", "save", name]).stdout.rstrip("\n") + "\n" for name in sorted(ours))
 
     def live(self) -> dict | None:
         result = {}
         for tool, family in self.families:
             result[family] = self._save(tool)
-        if not any(normalize_iptables(text) for text in result.values()):
+        result["ipset"] = self._save_sets()
+        if not result["ipset"] and not any(normalize_iptables(result[family]) for _, family in self.families):
             return None
         return result
 
@@ -157,44 +276,102 @@ class IptablesBackend:
         for _, family in self.families:
             before += [f"{family} {line}" for line in normalize_iptables(live.get(family, ""))]
             after += [f"{family} {line}" for line in normalize_iptables(ruleset[family] + jumps)]
+        before += [f"ipset {line}" for line in normalize_ipset(live.get("ipset"))]
+        after += [f"ipset {line}" for line in normalize_ipset(ruleset.get("ipset"), rendered=True)]
         return before, after
 
     def validate(self, ruleset):
+        """``iptables-restore --test`` of both families; with sets, against temporary copies of them.
+
+        ipset has no test mode, and the set match refuses a set that does not exist: the payload is
+        restored into temporary sets (``portguard-chk<pid>-*``, destroyed before returning), and the
+        rules are tested against those. The live sets and chains are not touched.
+        """
+        payload, sets = ruleset.get("ipset") or "", [tuple(s) for s in ruleset.get("sets") or ()]
+        check_ipset_payload(payload, sets)
+        if not payload:
+            self._test_rules(ruleset, {})
+            return
+        if not ipset_usable():
+            raise HostError("the ruleset needs ipset, but the ipset tool or the kernel's ip_set is missing on this "
+                            "host; nothing was changed")
+        _destroy_stale_checks()
+        temp = {name: f"{CHECK_PREFIX}{os.getpid()}-{name.split('-')[1]}" for name, _ in sets}
+        lines = []
+        for line in payload.splitlines():
+            words = line.split(" ", 2)
+            if words[0] in ("create", "add"):
+                lines.append(" ".join([words[0], temp[words[1].removesuffix("-new")], words[2]]))
+        try:
+            proc = run(["ipset", "restore"], "\n".join(lines) + "\n", check=False)
+            if proc.returncode != 0:
+                raise HostError(f"ipset restore rejected the sets, nothing was changed: {proc.stderr.strip()}")
+            self._test_rules(ruleset, temp)
+        finally:
+            run(["sh", "-c", _destroy_sets_script(sorted(temp.values()))], check=False)
+
+    def _test_rules(self, ruleset, temp):
         for tool, family in self.families:
-            proc = run([f"{tool}-restore", "--test", "--noflush"], ruleset[family], check=False)
+            rules = ruleset[family]
+            for name, stand_in in temp.items():
+                rules = rules.replace(f" --match-set {name} ", f" --match-set {stand_in} ")
+            proc = run([f"{tool}-restore", "--test", "--noflush"], rules, check=False)
             if proc.returncode != 0:
                 raise HostError(f"{tool}-restore --test rejected the {family} rules, nothing was changed: "
                                 f"{proc.stderr.strip()}")
 
+    def _remove_chains_steps(self, chains) -> list:
+        return [[["sh", "-c", f"while {tool} -D {BUILTIN[chain]} -j {chain} 2>/dev/null; do :; done; "
+                              f"{tool} -F {chain} 2>/dev/null; {tool} -X {chain} 2>/dev/null; true"], None]
+                for tool, _ in self.families for chain in chains]
+
     def apply_steps(self, ruleset) -> list:
+        """Sets first (the rules reference them), then each family's chains and jumps, then stale chains and sets."""
+        sets = [tuple(s) for s in ruleset.get("sets") or ()]
+        check_ipset_payload(ruleset.get("ipset") or "", sets)
         steps = []
+        if ruleset.get("ipset"):
+            steps.append([["sh", "-c", _prepare_sets_script(sets)], None])
+            steps.append([["ipset", "restore"], ruleset["ipset"]])
         for tool, family in self.families:
             steps.append([[f"{tool}-restore", "--noflush"], ruleset[family]])
             for builtin, chain in ruleset["jumps"]:
                 steps.append([["sh", "-c", f"{tool} -C {builtin} -j {chain} 2>/dev/null || "
                                            f"{tool} -I {builtin} 1 -j {chain}"], None])
+        # A chain the ruleset no longer has (egress turned off), then the sets nothing references any more
+        # (all of them when the host fell back to per-source rules).
+        wanted = {chain for _, chain in ruleset["jumps"]}
+        steps += self._remove_chains_steps([chain for chain in CHAINS if chain not in wanted])
+        used = {name for name, _ in sets}
+        steps.append([["sh", "-c", _destroy_sets_script(
+            [n for name in SETS for n in (name, f"{name}-new") if n not in used])], None])
         return steps
 
     def restore_steps(self, snapshot) -> list:
-        steps = []
+        """Remove our chains and sets, then load the snapshot's sets (counters too) and chains."""
+        steps = self._remove_chains_steps(CHAINS)
+        steps.append([["sh", "-c", _destroy_sets_script([n for name in SETS for n in (name, f"{name}-new")])], None])
+        if snapshot is None:
+            return steps
+        if snapshot.get("ipset"):
+            steps.append([["ipset", "restore"], snapshot["ipset"]])
         for tool, family in self.families:
-            for chain, builtin in BUILTIN.items():
-                steps.append([["sh", "-c", f"while {tool} -D {builtin} -j {chain} 2>/dev/null; do :; done; "
-                                           f"{tool} -F {chain} 2>/dev/null; {tool} -X {chain} 2>/dev/null; true"], None])
-            if snapshot is not None:
-                ours = normalize_iptables(snapshot[family])
-                chains = [line for line in ours if line.startswith(":")]
-                rules = [line for line in ours if line.startswith("-A PORTGUARD")]
-                jumps = [line for line in ours if line.startswith("-A ") and not line.startswith("-A PORTGUARD")]
-                payload = "\n".join(["*filter", *[f"{c} - [0:0]" for c in chains], *rules, "COMMIT"]) + "\n"
-                steps.append([[f"{tool}-restore", "--noflush"], payload])
-                for jump in jumps:
-                    _, builtin, _, chain = jump.split(" ")
-                    steps.append([[tool, "-I", builtin, "1", "-j", chain], None])
+            ours = normalize_iptables(snapshot[family])
+            chains = [line for line in ours if line.startswith(":")]
+            rules = [line for line in ours if line.startswith("-A PORTGUARD")]
+            jumps = [line for line in ours if line.startswith("-A ") and not line.startswith("-A PORTGUARD")]
+            payload = "\n".join(["*filter", *[f"{c} - [0:0]" for c in chains], *rules, "COMMIT"]) + "\n"
+            steps.append([[f"{tool}-restore", "--noflush"], payload])
+            for jump in jumps:
+                _, builtin, _, chain = jump.split(" ")
+                steps.append([[tool, "-I", builtin, "1", "-j", chain], None])
         return steps
 
     def persist_files(self, ruleset, fallback) -> dict:
+        # The ipset files are written (empty) for per-source rules too, so that none of an earlier run survives.
         return {
+            "ruleset.ipset": ruleset.get("ipset") or "",
+            "sets": "".join(f"{name} {family}\n" for name, family in ruleset.get("sets") or ()),
             "ruleset.ipv4": ruleset["ipv4"],
             "ruleset.ipv6": ruleset["ipv6"],
             "fallback.ipv4": fallback["ipv4"],
@@ -203,10 +380,19 @@ class IptablesBackend:
         }
 
     def loader(self) -> str:
+        # The fallback is rendered without sets: it loads even where ipset fails.
         return (
             "#!/bin/sh\n"
-            "# portguard.hardening boot loader: the persisted rules, or the management-only fallback.\n"
+            "# portguard.hardening boot loader: the persisted sets and rules, or the management-only fallback.\n"
             "load() {\n"
+            f"  if [ \"$1\" = ruleset ] && [ -s {PERSIST_DIR}/ruleset.ipset ]; then\n"
+            "    while read -r name family; do\n"
+            "      ipset destroy \"$name-new\" 2>/dev/null\n"
+            "      ipset list -n \"$name\" >/dev/null 2>&1 ||\n"
+            f"        ipset create \"$name\" {SET_TYPE} family \"$family\" counters comment || return 1\n"
+            f"    done < {PERSIST_DIR}/sets\n"
+            f"    ipset restore < {PERSIST_DIR}/ruleset.ipset || return 1\n"
+            "  fi\n"
             f"  iptables-restore --noflush {PERSIST_DIR}/$1.ipv4 && ip6tables-restore --noflush {PERSIST_DIR}/$1.ipv6\n"
             "}\n"
             "if ! load ruleset; then\n"
@@ -281,6 +467,7 @@ def detect() -> dict:
         "systemd": os.path.isdir("/run/systemd/system"),
         "legacy_rules": legacy_rule_count(),
         "iptables_variant": "",
+        "ipset": ipset_usable(),
     }
     if shutil.which("iptables"):
         version = run(["iptables", "--version"], check=False).stdout
@@ -501,7 +688,8 @@ def _lines(live):
     if live is None:
         return []
     if isinstance(live, dict):
-        return [f"{family} {line}" for family, text in sorted(live.items()) for line in normalize_iptables(text)]
+        return [f"{family} {line}" for family, text in sorted(live.items())
+                for line in (normalize_ipset(text) if family == "ipset" else normalize_iptables(text))]
     return normalize_nft(live)
 
 

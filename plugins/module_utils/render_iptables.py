@@ -8,12 +8,26 @@ them in one commit, and no other chain is named. The built-in chains only get
 a jump to ours, which the host module inserts once (``jumps``). Both families
 are always rendered; a family without sources accepts no new connection.
 
-Per-packet cost: established traffic is accepted first, and the ports of one
-source are grouped with ``multiport`` (15 slots per rule), so that a rule
-stands for a source, not for one of its ports.
+Two variants, chosen by the caller (the firewall action, from what the host
+offers):
+
+- ``ipset=True``: the whitelist lives in ipsets of type ``hash:net,port``
+  (``portguard-in4``/``-in6``, and ``-out4``/``-out6`` with egress), with
+  per-element counters and comments, matched by one rule per chain, so that
+  the per-packet cost does not grow with the catalog. The ``ipset`` payload
+  (for ``ipset restore``) fills ``<set>-new`` and swaps it with the live set,
+  which must exist first (the host module creates it when absent) and must
+  be loaded before the chains that reference it. ipset stores a port range
+  as one element per port: ranges wider than ``SET_PORT_SPAN`` ports stay
+  rules next to the set rule.
+- ``ipset=False`` (hosts without the ``ipset`` tool or kernel support): one
+  rule per distinct source, its ports grouped with ``multiport`` (15 slots
+  per rule).
+
+In both, established traffic is accepted first.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ansible_collections.portguard.hardening.plugins.module_utils.policy import HostPolicy
 from ansible_collections.portguard.hardening.plugins.module_utils.validate import truncate_utf8
@@ -22,6 +36,17 @@ CHAINS = {"in": "PORTGUARD-IN", "out": "PORTGUARD-OUT"}
 BUILTIN = {"in": "INPUT", "out": "OUTPUT"}
 MULTIPORT_SLOTS = 15
 COMMENT_BYTES = 256
+# Sets by (direction, family); the host module refuses any other name.
+SETS = {("in", 4): "portguard-in4", ("in", 6): "portguard-in6", ("out", 4): "portguard-out4", ("out", 6): "portguard-out6"}
+SET_FAMILY = {4: "inet", 6: "inet6"}
+SET_TYPE = "hash:net,port"
+SET_COMMENT_BYTES = 255  # the kernel's limit for an element comment
+SET_PORT_SPAN = 64  # ports per entry at most in a set (one element per port); wider ranges stay rules
+SET_MAXELEM = 65536  # ipset's default; raised to the next power of two for more elements
+# The remote end's address and our port: the source for inbound, the destination for outbound.
+SET_MATCH = {"in": "src,dst", "out": "dst,dst"}
+# hash:net refuses a /0: "any" is stored as its two halves.
+_HALVES = {"0.0.0.0/0": ("0.0.0.0/1", "128.0.0.0/1"), "::/0": ("::/1", "8000::/1")}
 # ICMP types by number, as iptables-save prints them.
 ICMP4 = ("3", "8", "11", "12")
 ICMP4_NO_PING = ("3", "11", "12")
@@ -36,9 +61,12 @@ class IptablesRuleset:
     ipv4: str
     ipv6: str
     jumps: tuple[tuple[str, str], ...]  # (built-in chain, our chain)
+    ipset: str = ""  # payload for ``ipset restore``; empty for the per-source rules variant
+    sets: tuple[tuple[str, str], ...] = field(default=())  # (set, "inet" or "inet6") that ``ipset`` fills
 
     def as_dict(self) -> dict:
-        return {"ipv4": self.ipv4, "ipv6": self.ipv6, "jumps": [list(j) for j in self.jumps]}
+        return {"ipv4": self.ipv4, "ipv6": self.ipv6, "jumps": [list(j) for j in self.jumps],
+                "ipset": self.ipset, "sets": [list(s) for s in self.sets]}
 
 
 def _address_match(entry, direction: str) -> str:
@@ -85,7 +113,57 @@ def _whitelist(chain: str, entries, direction: str) -> list[str]:
     return rules
 
 
-def _chain_rules(policy: HostPolicy, family: int, direction: str) -> list[str]:
+def in_set(entry) -> bool:
+    """Whether ``entry`` goes into the set (ipset variant) rather than into a rule of its own."""
+    return entry.port_hi - entry.port_lo < SET_PORT_SPAN
+
+
+def _set_address(cidr: str) -> tuple[str, ...]:
+    """A CIDR as ``ipset save`` prints it: hosts without a prefix length, /0 as two halves."""
+    if cidr in _HALVES:
+        return _HALVES[cidr]
+    address, length = cidr.split("/")
+    if length == ("32" if "." in address else "128"):
+        return (address,)
+    return (cidr,)
+
+
+def set_elements(entries) -> list[str]:
+    """``add`` arguments (without the set name) for the entries that go into a set, in a stable order."""
+    elements = []
+    for entry in sorted((e for e in entries if in_set(e)), key=lambda e: (e.addr_lo, e.addr_hi, e.proto, e.port_lo)):
+        comment = truncate_utf8("; ".join(dict.fromkeys(label.text() for label in entry.labels)), SET_COMMENT_BYTES)
+        port = f"{entry.proto}:{entry.port_text('-')}"
+        elements += [f'{address},{port} comment "{comment}"'
+                     for cidr in entry.cidrs() for address in _set_address(cidr)]
+    return elements
+
+
+def set_size(entries) -> int:
+    """Elements in the kernel: ipset stores one per port of a range."""
+    return sum(len(_set_address(c)) * (e.port_hi - e.port_lo + 1) for e in entries if in_set(e) for c in e.cidrs())
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _set_payload(policy: HostPolicy, directions) -> str:
+    lines = [f"# portguard.hardening ipsets for {policy.host}; generated, do not edit"]
+    for direction in directions:
+        pool = policy.ingress if direction == "in" else policy.egress
+        for family in (4, 6):
+            name, entries = SETS[(direction, family)], [e for e in pool if e.family == family]
+            size = set_size(entries)
+            # hashsize only sizes the first table (the kernel grows it); maxelem is a hard limit.
+            lines.append(f"create {name}-new {SET_TYPE} family {SET_FAMILY[family]} hashsize {max(64, _pow2(size // 4))} "
+                         f"maxelem {max(SET_MAXELEM, _pow2(size))} counters comment")
+            lines += [f"add {name}-new {element}" for element in set_elements(entries)]
+            lines += [f"swap {name}-new {name}", f"destroy {name}-new"]
+    return "\n".join(lines) + "\n"
+
+
+def _chain_rules(policy: HostPolicy, family: int, direction: str, ipset: bool) -> list[str]:
     settings = policy.settings
     chain = CHAINS[direction]
     iface = "-i lo" if direction == "in" else "-o lo"
@@ -104,8 +182,11 @@ def _chain_rules(policy: HostPolicy, family: int, direction: str) -> list[str]:
     else:
         types = ICMP6 if settings.allow_ping else ICMP6_NO_PING
         rules += [f"-A {chain} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j ACCEPT" for t in types]
-    pool = policy.ingress if direction == "in" else policy.egress
-    rules += _whitelist(chain, [e for e in pool if e.family == family], direction)
+    pool = [e for e in (policy.ingress if direction == "in" else policy.egress) if e.family == family]
+    if ipset:
+        rules.append(f"-A {chain} -m set --match-set {SETS[(direction, family)]} {SET_MATCH[direction]} -j ACCEPT")
+        pool = [e for e in pool if not in_set(e)]
+    rules += _whitelist(chain, pool, direction)
     burst = f" --limit-burst {settings.log_burst}" if settings.log_burst != 5 else ""
     rules.append(f"-A {chain} -m limit --limit {settings.log_rate}/min{burst} "
                  f'-j LOG --log-prefix "{settings.log_prefix}" --log-level 6')
@@ -120,20 +201,26 @@ def _chain_rules(policy: HostPolicy, family: int, direction: str) -> list[str]:
     return rules
 
 
-def _payload(policy: HostPolicy, family: int, directions) -> str:
+def _payload(policy: HostPolicy, family: int, directions, ipset: bool) -> str:
     lines = [f"# portguard.hardening IPv{family} chains for {policy.host}; generated, do not edit", "*filter"]
     lines += [f":{CHAINS[d]} - [0:0]" for d in directions]
     for direction in directions:
-        lines += _chain_rules(policy, family, direction)
+        lines += _chain_rules(policy, family, direction, ipset)
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
 
-def render_iptables(policy: HostPolicy) -> IptablesRuleset:
-    """Payloads for ``iptables-restore --noflush`` and ``ip6tables-restore --noflush``."""
+def render_iptables(policy: HostPolicy, ipset: bool = False) -> IptablesRuleset:
+    """Payloads for ``iptables-restore --noflush`` and ``ip6tables-restore --noflush`` (and ``ipset restore``).
+
+    ``ipset`` selects the set variant; the per-source rules are the fallback for
+    hosts without ipset.
+    """
     directions = ("in", "out") if policy.settings.egress else ("in",)
     return IptablesRuleset(
-        ipv4=_payload(policy, 4, directions),
-        ipv6=_payload(policy, 6, directions),
+        ipv4=_payload(policy, 4, directions, ipset),
+        ipv6=_payload(policy, 6, directions, ipset),
         jumps=tuple((BUILTIN[d], CHAINS[d]) for d in directions),
+        ipset=_set_payload(policy, directions) if ipset else "",
+        sets=tuple((SETS[(d, f)], SET_FAMILY[f]) for d in directions for f in (4, 6)) if ipset else (),
     )

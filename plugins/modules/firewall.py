@@ -10,6 +10,9 @@ description:
   - Host side of the C(portguard.hardening.firewall) action. The action plugin compiles the catalog
     on the controller, renders this host's ruleset and calls this module with it; call the action
     (the same name), not the module alone.
+  - With C(iptables), the whitelist lives in ipsets (C(portguard-in4), C(portguard-in6), and C(-out4)/C(-out6)
+    with egress) where the host has the C(ipset) tool and kernel support, loaded before the chains that
+    reference them; other hosts get one rule per source.
   - Validates the ruleset on the host (C(nft -c -f) or C(iptables-restore --test)), compares it
     structurally with the live table C(inet portguard) (or the C(PORTGUARD-IN)/C(PORTGUARD-OUT) chains)
     and applies it only when it differs, in one transaction. Other tables and chains are never touched.
@@ -46,7 +49,8 @@ options:
     default: nftables
   ruleset:
     description:
-      - The rendered ruleset; text for C(nftables), a dict with C(ipv4), C(ipv6) and C(jumps) for C(iptables).
+      - The rendered ruleset; text for C(nftables), a dict with C(ipv4), C(ipv6) and C(jumps) for C(iptables),
+        plus C(ipset) (an C(ipset restore) payload, empty for one rule per source) and C(sets) (the sets it fills).
     type: raw
   fallback:
     description: The management-only ruleset loaded at boot if O(ruleset) fails to load. Same form as O(ruleset).
@@ -110,7 +114,8 @@ persistence:
   type: dict
   sample: {"changed": false, "unit": "no boot unit installed: systemd is not running on this host"}
 host_facts:
-  description: Backends available, systemd, legacy iptables rule count, the SSH client address.
+  description: Backends available (C(ipset) tells whether ipsets are usable), systemd, legacy iptables rule
+    count, the SSH client address.
   returned: phase inspect
   type: dict
 stale_change:

@@ -9,6 +9,9 @@ from ansible_collections.portguard.hardening.plugins.module_utils.catalog import
 from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import (
     COMMENT_BYTES,
     MULTIPORT_SLOTS,
+    SET_COMMENT_BYTES,
+    SET_MAXELEM,
+    SET_PORT_SPAN,
     render_iptables,
 )
 
@@ -20,6 +23,14 @@ def test_golden_iptables(example_policy, example_hosts, golden):
         ruleset = render_iptables(example_policy.host(host))
         golden(f"{host}.ipv4.rules", ruleset.ipv4)
         golden(f"{host}.ipv6.rules", ruleset.ipv6)
+
+
+def test_golden_iptables_ipset(example_policy, example_hosts, golden):
+    for host in example_hosts:
+        ruleset = render_iptables(example_policy.host(host), ipset=True)
+        golden(f"{host}.ipset", ruleset.ipset)
+        golden(f"{host}.ipset.ipv4.rules", ruleset.ipv4)
+        golden(f"{host}.ipset.ipv6.rules", ruleset.ipv6)
 
 
 def policy_for(flows=None, services=None, **host_settings):
@@ -125,3 +136,109 @@ def test_no_ping():
     assert "--icmp-type 8 " not in ruleset.ipv4
     assert "--icmpv6-type 128 " not in ruleset.ipv6
     assert "--icmp-type 3 -j ACCEPT" in ruleset.ipv4
+
+
+# The ipset variant -----------------------------------------------------------------------------
+
+
+def set_lines(ruleset, verb="add"):
+    return [line for line in ruleset.ipset.splitlines() if line.startswith(f"{verb} ")]
+
+
+def test_ipset_variant_one_set_rule_per_chain_same_prelude_and_verdict():
+    plain, sets = render_iptables(policy_for()), render_iptables(policy_for(), ipset=True)
+    assert plain.ipset == "" and plain.sets == () and plain.as_dict()["ipset"] == ""
+    assert sets.sets == (("portguard-in4", "inet"), ("portguard-in6", "inet6"))
+    for family, set_name in ((4, "portguard-in4"), (6, "portguard-in6")):
+        with_set = getattr(sets, f"ipv{family}").splitlines()
+        rule = f"-A PORTGUARD-IN -m set --match-set {set_name} src,dst -j ACCEPT"
+        assert accepts("\n".join(with_set)) == []
+        # the per-source rules are replaced by the one set rule, everything around them stays
+        without = [line for line in getattr(plain, f"ipv{family}").splitlines() if line not in accepts(getattr(
+            plain, f"ipv{family}"))]
+        index = with_set.index(rule)
+        assert with_set[:index] + with_set[index + 1:] == without
+        assert with_set.index("-A PORTGUARD-IN -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT") < index
+        assert with_set[index + 1].startswith("-A PORTGUARD-IN -m limit")
+    assert set_lines(sets) == [
+        'add portguard-in4-new 10.20.0.0/16,tcp:443 comment "office-web/https: Public web traffic"',
+        'add portguard-in4-new 10.99.0.0/24,tcp:22 comment "management/ssh: Remote administration"',
+        'add portguard-in6-new 2001:db8:99::/64,tcp:22 comment "management/ssh: Remote administration"',
+    ]
+    assert sets.as_dict()["sets"] == [["portguard-in4", "inet"], ["portguard-in6", "inet6"]]
+
+
+def test_ipset_payload_fills_new_sets_and_swaps_them_in():
+    ruleset = render_iptables(policy_for(portguard_egress=True), ipset=True)
+    commands = [line.split()[:2] for line in ruleset.ipset.splitlines() if not line.startswith(("#", "add "))]
+    names = ["portguard-in4", "portguard-in6", "portguard-out4", "portguard-out6"]
+    assert commands == [c for name in names for c in (["create", f"{name}-new"], ["swap", f"{name}-new"],
+                                                       ["destroy", f"{name}-new"])]
+    creates = set_lines(ruleset, "create")
+    assert creates[0] == (f"create portguard-in4-new hash:net,port family inet hashsize 64 maxelem {SET_MAXELEM} "
+                          "counters comment")
+    assert " family inet6 " in creates[1]
+    assert "swap portguard-out6-new portguard-out6" in ruleset.ipset.splitlines()
+    assert "-A PORTGUARD-OUT -m set --match-set portguard-out4 dst,dst -j ACCEPT" in ruleset.ipv4.splitlines()
+    assert "-A PORTGUARD-OUT -m set --match-set portguard-out6 dst,dst -j ACCEPT" in ruleset.ipv6.splitlines()
+
+
+def test_ipset_elements_as_ipset_save_prints_them():
+    """Hosts without /32 or /128, "any" as two halves (hash:net refuses /0), ranges split into CIDRs."""
+    services = {"ssh": {"port": 22}, "https": {"port": 443}, "dns": {"port": 53, "proto": ["tcp", "udp"]},
+                "workers": {"port": "8000-8010"}}
+    flows = [
+        {"name": "pub", "from": "any", "to": "web1", "services": ["https"]},
+        {"name": "db", "from": "db1", "to": "web1", "services": ["dns", "workers"]},
+    ]
+    elements = [line.split(" comment ")[0].split(" ", 2)[2] for line in set_lines(
+        render_iptables(policy_for(flows, services), ipset=True))]
+    assert {"0.0.0.0/1,tcp:443", "128.0.0.0/1,tcp:443", "::/1,tcp:443", "8000::/1,tcp:443"} <= set(elements)
+    # 10.0.2.1-10.0.2.2 is not one CIDR: two host elements per port
+    assert {"10.0.2.1,udp:53", "10.0.2.2,udp:53", "10.0.2.1,tcp:53", "10.0.2.1,tcp:8000-8010",
+            "10.0.2.2,tcp:8000-8010"} <= set(elements)
+    assert not any(e.split(",")[0].endswith(("/32", "/128", "/0")) for e in elements)
+    assert len(elements) == len(set(elements))
+
+
+def test_wide_port_ranges_stay_rules_next_to_the_set():
+    services = {"ssh": {"port": 22}, "narrow": {"port": f"9000-{9000 + SET_PORT_SPAN - 1}"},
+                "wide": {"port": f"20000-{20000 + SET_PORT_SPAN}"}}
+    flows = [{"name": "n", "from": "office", "to": "web1", "services": ["narrow"]},
+             {"name": "w", "from": "admins", "to": "web1", "services": ["wide"]}]
+    ruleset = render_iptables(policy_for(flows, services), ipset=True)
+    assert f'add portguard-in4-new 10.20.0.0/16,tcp:9000-{9000 + SET_PORT_SPAN - 1} comment "n/narrow"' \
+        in ruleset.ipset.splitlines()
+    assert "20000" not in ruleset.ipset
+    lines = ruleset.ipv4.splitlines()
+    rule = f'-A PORTGUARD-IN -s 10.99.0.0/24 -p tcp -m tcp --dport 20000:{20000 + SET_PORT_SPAN} -m comment --comment "w/wide" -j ACCEPT'
+    assert rule in lines
+    assert lines.index(rule) == lines.index("-A PORTGUARD-IN -m set --match-set portguard-in4 src,dst -j ACCEPT") + 1
+
+
+def test_ipset_comment_is_cut_at_255_bytes_never_mid_character():
+    services = {"ssh": {"port": 22}, **{f"s{index}": {"port": 100, "purpose": "Überwachung €" * 3} for index in range(8)}}
+    flows = [{"name": "flüsse", "from": "office", "to": "web1", "services": [f"s{index}" for index in range(8)]}]
+    line = next(line for line in set_lines(render_iptables(policy_for(flows, services), ipset=True)) if ",tcp:100 " in line)
+    comment = re.search(r' comment "([^"]*)"$', line).group(1)
+    full = "; ".join(f"flüsse/s{index}: {'Überwachung €' * 3}" for index in range(8))
+    assert full.startswith(comment)
+    assert len(full.encode()) > SET_COMMENT_BYTES
+    assert SET_COMMENT_BYTES - 3 <= len(comment.encode()) <= SET_COMMENT_BYTES
+
+
+def test_maxelem_grows_with_the_expanded_ranges():
+    services = {"ssh": {"port": 22}, "r": {"port": f"1000-{1000 + SET_PORT_SPAN - 1}"}}
+    networks = [f"10.{i // 128}.{i % 128 * 2}.0/24" for i in range(1100)]  # never adjacent: 1100 CIDRs
+    catalog_flows = [{"name": "many", "from": networks, "to": "web1", "services": ["r"]}]
+    ruleset = render_iptables(policy_for(catalog_flows, services), ipset=True)
+    create = set_lines(ruleset, "create")[0]
+    elements = 1100 * SET_PORT_SPAN + 1  # + the management entry
+    maxelem = int(re.search(r"maxelem (\d+)", create).group(1))
+    assert maxelem >= elements and maxelem & (maxelem - 1) == 0 and maxelem > SET_MAXELEM
+
+
+def test_render_is_pure_and_stable():
+    policy = policy_for(portguard_egress=True)
+    assert render_iptables(policy, ipset=True) == render_iptables(policy, ipset=True)
+    assert render_iptables(policy) == render_iptables(policy, ipset=False)
