@@ -1,11 +1,28 @@
-"""Read the counters of our table or chains: deny counters and per-entry hits."""
+"""Read what our table or chains saw: deny counters, per-entry hits, and the log lines of denied packets.
 
+Host side, standard library only. The kernel log is read from ``/dev/kmsg``
+(sequence numbers make a cursor, so a later run reads only what is new), or
+from journald's kernel log where ``/dev/kmsg`` is not readable. A container
+usually has neither, and the kernel drops the log of a non-init network
+namespace unless ``net.netfilter.nf_log_all_netns=1`` on the machine: such
+hosts are reported from their counters alone.
+"""
+
+import errno
+import ipaddress
 import json
+import os
 import re
 import shutil
 import subprocess
+import time
 
 TABLE = "portguard"
+KMSG = "/dev/kmsg"
+STATE_DIR = "/run/portguard"
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+_FIELD_RE = re.compile(r"\b(IN|OUT|SRC|DST|PROTO|SPT|DPT|TYPE|CODE)=(\S*)")
+_LOG_SAVE_RE = re.compile(r"-j LOG\b")
 _SAVE_RE = re.compile(r"^\[(\d+):(\d+)\] -A (PORTGUARD-(?:IN|OUT)) (.*)$")
 _COMMENT_RE = re.compile(r'--comment (?:"([^"]*)"|(\S+))')
 
@@ -26,10 +43,19 @@ def _value_text(value) -> str:
 
 def parse_nft_json(text: str) -> dict:
     """Counters from ``nft -j list table inet portguard``."""
-    result = {"backend": "nftables", "denied_in": None, "denied_out": None, "elements": []}
+    result = {"backend": "nftables", "denied_in": None, "denied_out": None, "logged_in": None, "logged_out": None,
+              "elements": []}
     for item in json.loads(text).get("nftables", []):
         if "counter" in item and item["counter"].get("name", "").startswith("denied_"):
             result[item["counter"]["name"]] = item["counter"]["packets"]
+        if "rule" in item:
+            # The log rule's own counter sits after the limit: it counts the lines the kernel was asked to write.
+            exprs = item["rule"].get("expr", [])
+            if any("log" in expr for expr in exprs):
+                direction = "in" if item["rule"].get("chain") == "input" else "out"
+                for expr in exprs:
+                    if isinstance(expr.get("counter"), dict):
+                        result[f"logged_{direction}"] = (result[f"logged_{direction}"] or 0) + expr["counter"]["packets"]
         if "set" in item:
             for element in item["set"].get("elem", []):
                 body = element.get("elem", element)
@@ -48,7 +74,8 @@ def parse_nft_json(text: str) -> dict:
 
 def parse_iptables_save(texts: dict) -> dict:
     """Counters from ``iptables-save -c`` / ``ip6tables-save -c`` of the filter table, per family."""
-    result = {"backend": "iptables", "denied_in": None, "denied_out": None, "elements": []}
+    result = {"backend": "iptables", "denied_in": None, "denied_out": None, "logged_in": None, "logged_out": None,
+              "elements": []}
     for family, text in sorted(texts.items()):
         for line in text.splitlines():
             match = _SAVE_RE.match(line.strip())
@@ -59,6 +86,9 @@ def parse_iptables_save(texts: dict) -> dict:
             comment = (comment_match.group(1) or comment_match.group(2)) if comment_match else ""
             if comment in ("denied_in", "denied_out"):
                 result[comment] = (result[comment] or 0) + packets
+            elif _LOG_SAVE_RE.search(rule):
+                key = "logged_in" if chain == "PORTGUARD-IN" else "logged_out"
+                result[key] = (result[key] or 0) + packets
             elif "-j ACCEPT" in rule and comment:
                 result["elements"].append({"set": f"{chain}/{family}", "addresses": rule.split(" -p ")[0],
                                            "ports": rule, "comment": comment, "packets": packets, "bytes": size})
@@ -76,4 +106,195 @@ def read_counters() -> dict:
                  for tool, family in (("iptables-save", "ipv4"), ("ip6tables-save", "ipv6"))}
         if any("PORTGUARD-" in text for text in texts.values()):
             return parse_iptables_save(texts)
-    return {"backend": "none", "denied_in": None, "denied_out": None, "elements": []}
+    return {"backend": "none", "denied_in": None, "denied_out": None, "logged_in": None, "logged_out": None,
+            "elements": []}
+
+
+# The kernel log ----------------------------------------------------------------------------
+
+
+def parse_log_message(message: str, prefix: str) -> dict | None:
+    """One ``LOG``/``log`` line of a denied packet, or None when it is not ours.
+
+    The kernel writes ``<prefix>IN=eth0 OUT= MAC=... SRC=... DST=... ... PROTO=TCP SPT=.. DPT=..``
+    (IPv6 addresses fully expanded); ICMP lines carry TYPE and CODE instead of ports.
+    """
+    start = message.find(prefix)
+    if start < 0:
+        return None
+    fields = {}
+    for key, value in _FIELD_RE.findall(message[start + len(prefix):]):
+        fields.setdefault(key, value)  # the first LEN-like repeat wins; the IP header comes first
+    if "SRC" not in fields or "DST" not in fields or "PROTO" not in fields:
+        return None
+    try:
+        src, dst = str(ipaddress.ip_address(fields["SRC"])), str(ipaddress.ip_address(fields["DST"]))
+    except ValueError:
+        return None
+    event = {"direction": "in" if fields.get("IN") else "out", "src": src, "dst": dst,
+             "proto": fields["PROTO"].lower(), "port": None}
+    if "DPT" in fields and fields["DPT"].isdigit():
+        event["port"] = int(fields["DPT"])
+    elif "TYPE" in fields:
+        event["port"] = f"type {fields['TYPE']}"
+    return event
+
+
+def parse_kmsg_record(record: str):
+    """``(sequence, microseconds since boot, message)`` of one /dev/kmsg record, or None."""
+    header, sep, rest = record.partition(";")
+    if not sep:
+        return None
+    parts = header.split(",")
+    if len(parts) < 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return int(parts[1]), int(parts[2]), rest.split("\n", 1)[0]
+
+
+def _boot_id() -> str:
+    try:
+        with open(BOOT_ID) as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+class _Groups:
+    """Denied packets grouped by direction, source, destination, protocol and port."""
+
+    def __init__(self, prefix, addresses, not_before=None):
+        self.prefix = prefix
+        self.not_before = not_before
+        self.mine = {str(ipaddress.ip_address(a)) for a in addresses or ()}
+        self.groups: dict[tuple, dict] = {}
+        self.lines = 0
+
+    def add(self, message, when):
+        event = parse_log_message(message, self.prefix)
+        if event is None or (self.not_before is not None and when < self.not_before):
+            return
+        # The kernel log is shared by every network namespace of the machine: keep this host's packets only.
+        own = event["dst"] if event["direction"] == "in" else event["src"]
+        if self.mine and own not in self.mine:
+            return
+        self.lines += 1
+        key = (event["direction"], event["src"], event["dst"], event["proto"], str(event["port"]))
+        group = self.groups.get(key)
+        if group is None:
+            self.groups[key] = dict(event, count=1, first=when, last=when)
+        else:
+            group["count"] += 1
+            group["first"] = min(group["first"], when)
+            group["last"] = max(group["last"], when)
+
+    def result(self, source, cursor, **extra):
+        groups = [self.groups[key] for key in sorted(self.groups)]
+        return {"source": source, "readable": True, "cursor": cursor, "lines": self.lines, "groups": groups, **extra}
+
+
+def read_kmsg(prefix: str, addresses=(), since=None, path: str = KMSG, not_before=None) -> dict:
+    """Our log lines in the kernel ring buffer, newer than the ``since`` cursor (``{boot_id, seq}``)."""
+    boot_id = _boot_id()
+    after = since.get("seq") if since and since.get("boot_id") == boot_id and since.get("source") == "kmsg" else None
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    groups = _Groups(prefix, addresses, not_before if after is None else None)
+    # kmsg stamps records with the monotonic clock; wall time = now - (monotonic now - stamp)
+    offset = time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
+    first_seq, last_seq = None, after
+    try:
+        while True:
+            try:
+                record = os.read(fd, 8192).decode("utf-8", "replace")
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EPIPE:  # overwritten while we read: the next read continues
+                    continue
+                raise
+            parsed = parse_kmsg_record(record)
+            if parsed is None:
+                continue
+            seq, usec, message = parsed
+            if first_seq is None:
+                first_seq = seq
+            if after is not None and seq <= after:
+                continue
+            last_seq = seq
+            groups.add(message, round(offset + usec / 1e6, 3))
+    finally:
+        os.close(fd)
+    # Records between the cursor and the oldest one still in the buffer were overwritten unread.
+    lost = after is not None and first_seq is not None and first_seq > after + 1
+    return groups.result("kmsg", {"source": "kmsg", "boot_id": boot_id, "seq": last_seq}, lost=lost)
+
+
+def read_journal(prefix: str, addresses=(), since=None, not_before=None) -> dict:
+    """Our log lines in journald's kernel log, after the ``since`` cursor."""
+    argv = ["journalctl", "-k", "-o", "json", "--no-pager", "-q", f"--grep={re.escape(prefix.strip())}"]
+    if since and since.get("source") == "journal" and since.get("cursor"):
+        argv.append(f"--after-cursor={since['cursor']}")
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode not in (0, 1):  # 1: nothing matched
+        raise OSError(proc.stderr.strip() or f"journalctl failed ({proc.returncode})")
+    cursor = since.get("cursor") if since and since.get("source") == "journal" else None
+    groups = _Groups(prefix, addresses, not_before if cursor is None else None)
+    for line in proc.stdout.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        message = entry.get("MESSAGE")
+        if not isinstance(message, str):
+            continue
+        cursor = entry.get("__CURSOR", cursor)
+        groups.add(message, round(int(entry.get("__REALTIME_TIMESTAMP", "0")) / 1e6, 3))
+    return groups.result("journal", {"source": "journal", "cursor": cursor}, lost=False)
+
+
+def read_log(prefix: str, addresses=(), since=None, kmsg: str = KMSG, not_before=None) -> dict:
+    """The log lines of denied packets from /dev/kmsg, else journald; says why when neither is readable.
+
+    Without a cursor (a first report), lines older than ``not_before`` are left out: they were written
+    before our table was last replaced, possibly by another ruleset or another host with the same address.
+    """
+    reasons = []
+    if os.path.exists(kmsg):
+        try:
+            return read_kmsg(prefix, addresses, since, kmsg, not_before)
+        except OSError as exc:
+            reasons.append(f"{kmsg}: {exc.strerror or exc}")
+    else:
+        reasons.append(f"no {kmsg} (a container gets it only with --device /dev/kmsg and CAP_SYSLOG)")
+    if shutil.which("journalctl") and os.path.isdir("/run/systemd/journal"):
+        try:
+            return read_journal(prefix, addresses, since, not_before)
+        except OSError as exc:
+            reasons.append(f"journalctl: {exc}")
+    else:
+        reasons.append("no journald")
+    return {"source": "none", "readable": False, "reason": "; ".join(reasons), "cursor": since, "lines": 0,
+            "groups": [], "lost": False}
+
+
+def last_replaced() -> dict | None:
+    """When our table or chains were last replaced (which resets their counters): apply or revert."""
+    found = []
+    for name, what in (("applied.json", "applied"), ("reverted.json", "reverted")):
+        try:
+            with open(os.path.join(STATE_DIR, name)) as handle:
+                record = json.load(handle)
+        except (OSError, ValueError):
+            continue
+        if isinstance(record.get("at"), (int, float)):
+            found.append({"at": float(record["at"]), "event": what})
+    return max(found, key=lambda r: r["at"]) if found else None
+
+
+def read_activity(*, read_logs: bool, prefix: str, addresses=(), since=None) -> dict:
+    """Everything the report needs from a host, in one module call."""
+    replaced = last_replaced()
+    result = {"counters": read_counters(), "now": round(time.time(), 3), "boot_id": _boot_id(), "replaced": replaced}
+    if read_logs:
+        # a second of slack: kmsg stamps drift a little from the wall clock
+        result["log"] = read_log(prefix, addresses, since, not_before=replaced["at"] - 1 if replaced else None)
+    return result
