@@ -206,7 +206,7 @@ class _Linter:
                 self._check({"portguard_deny_all": True}, hostvars={host: self.hostvars[host]}, groups={"all": [host]})
         # Networks: each broken one is replaced and the check repeated (bounded by their number).
         raw_networks = self.catalog.get("portguard_networks")
-        for _ in range(len(raw_networks) if isinstance(raw_networks, dict) else 1):
+        for _round in range(len(raw_networks) if isinstance(raw_networks, dict) else 1):
             networks = self._networks() if isinstance(raw_networks, dict) else raw_networks
             known = len(self.broken_networks)
             if self._check({"portguard_networks": networks, "portguard_deny_all": True}, hostvars=no_hosts):
@@ -393,7 +393,7 @@ class _Linter:
                     except CatalogError:
                         continue  # reported as an error
                     per_family[family].append((low, high, 0))
-            own[name] = {family: [(lo, hi) for lo, hi, _ in merge_intervals(items)]
+            own[name] = {family: [(lo, hi) for lo, hi, _tags in merge_intervals(items)]
                          for family, items in per_family.items()}
         names = sorted(own)
         findings = []
@@ -502,4 +502,3 @@ def lint_report(findings, today=None, expiring_days=DEFAULT_EXPIRING_DAYS) -> di
         "findings": [f.as_dict() for f in findings],
         "lines": [f"{f.level.upper()} {f.code} {f.path}: {f.message}" for f in findings],
     }
-

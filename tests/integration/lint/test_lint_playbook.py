@@ -34,7 +34,7 @@ def env():
 def lint_play(inventory, report_dir, *extra):
     return subprocess.run([tool("ansible-playbook"), "-i", str(inventory), "portguard.hardening.lint",
                            "-e", f"portguard_report_dir={report_dir}", "-e", "portguard_lint_today=2026-11-26", *extra],
-                          capture_output=True, text=True, env=env(), cwd=str(report_dir), timeout=300)
+                          capture_output=True, text=True, check=False, env=env(), cwd=str(report_dir), timeout=300)
 
 
 @pytest.fixture
@@ -99,17 +99,17 @@ def test_broken_inventory_fails_with_its_findings(tmp_path, broken_inventory):
 
 def test_cli_script(tmp_path, broken_inventory):
     script = [sys.executable, str(ROOT / "scripts" / "portguard-lint"), "--today", "2026-11-26"]
-    good = subprocess.run([*script, "-i", str(EXAMPLES)], capture_output=True, text=True, env=env(), timeout=120)
+    good = subprocess.run([*script, "-i", str(EXAMPLES)], capture_output=True, text=True, check=False, env=env(), timeout=120)
     assert good.returncode == 0, good.stderr
     assert good.stdout.splitlines()[-1] == "0 error(s), 3 warning(s)"
-    strict = subprocess.run([*script, "-i", str(EXAMPLES), "--strict"], capture_output=True, text=True, env=env(),
+    strict = subprocess.run([*script, "-i", str(EXAMPLES), "--strict"], capture_output=True, text=True, check=False, env=env(),
                             timeout=120)
     assert strict.returncode == 1
-    bad = subprocess.run([*script, "-i", str(broken_inventory), "--json"], capture_output=True, text=True, env=env(),
+    bad = subprocess.run([*script, "-i", str(broken_inventory), "--json"], capture_output=True, text=True, check=False, env=env(),
                          timeout=120)
     assert bad.returncode == 1, bad.stderr
     report = json.loads(bad.stdout)
     assert report["errors"] == 2 and report["findings"][0]["code"] == "unknown-name"
-    missing = subprocess.run([*script, "-i", str(tmp_path / "nowhere")], capture_output=True, text=True, env=env(),
+    missing = subprocess.run([*script, "-i", str(tmp_path / "nowhere")], capture_output=True, text=True, check=False, env=env(),
                              timeout=120)
     assert missing.returncode == 2 and "no inventory" in missing.stderr
