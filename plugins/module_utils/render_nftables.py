@@ -42,9 +42,55 @@ def element_comment(entry) -> str:
 def _set_lines(name: str, family: int, entries) -> list[str]:
     lines = [f"\tset {name} {{", f"\t\ttype {FAMILY_KEYWORDS[family][1]} . inet_service", "\t\tflags interval", "\t\tcounter"]
     if entries:
-        elements = [f'{e.address_text()} . {e.port_text()} counter comment "{element_comment(e)}"' for e in entries]
-        lines.append("\t\telements = { " + ",\n\t\t\t     ".join(elements) + " }")
+        lines.append("\t\telements = { " + ",\n\t\t\t     ".join(_elements(entries)) + " }")
     lines.append("\t}")
+    return lines
+
+
+def _elements(entries) -> list[str]:
+    """``address . port counter comment "..."`` of each entry: the bulk of a big ruleset, so written inline."""
+    comments: dict[int, str] = {}  # by id of the labels tuple: entries of one flow and service share theirs
+    elements = []
+    append = elements.append
+    for entry in entries:
+        fields = entry.__dict__
+        address = fields.get("_address_text") or entry.address_text()
+        labels = fields["labels"]
+        comment = comments.get(id(labels))
+        if comment is None:
+            comment = comments[id(labels)] = element_comment(entry)
+        port_lo, port_hi = fields["port_lo"], fields["port_hi"]
+        port = str(port_lo) if port_lo == port_hi else f"{port_lo}-{port_hi}"
+        append(f'{address} . {port} counter comment "{comment}"')
+    return elements
+
+
+# Hosts with the same flows share one ``ingress`` tuple (see catalog.build), so their sets are the
+# same text: rendered once per tuple. Keyed by identity, the tuple itself kept in the value so that
+# its id cannot be reused while cached; bounded like catalog._COMPILED.
+_SETS_CACHE: dict[tuple[str, int], tuple[tuple, list[str]]] = {}
+_SETS_CACHE_MAX = 256
+
+
+def _direction_sets(direction: str, pool) -> list[str]:
+    """The four sets of one direction, each followed by an empty line."""
+    key = (direction, id(pool))
+    cached = _SETS_CACHE.get(key)
+    if cached is not None and cached[0] is pool:
+        return cached[1]
+    buckets: dict[tuple[int, str], list] = {(4, "tcp"): [], (4, "udp"): [], (6, "tcp"): [], (6, "udp"): []}
+    for entry in pool:
+        bucket = buckets.get((entry.family, entry.proto))
+        if bucket is not None:
+            bucket.append(entry)
+    lines = []
+    for (family, proto), entries in buckets.items():
+        lines += _set_lines(set_name(direction, family, proto), family, entries)
+        lines.append("")
+    if isinstance(pool, tuple):  # immutable: safe to reuse the text while the tuple is alive
+        if len(_SETS_CACHE) >= _SETS_CACHE_MAX:
+            _SETS_CACHE.clear()
+        _SETS_CACHE[key] = (pool, lines)
     return lines
 
 
@@ -95,12 +141,7 @@ def render_nftables(policy: HostPolicy) -> str:
     for direction in directions:
         lines += [f"\tcounter denied_{direction} {{", "\t}", ""]
     for direction in directions:
-        pool = policy.ingress if direction == "in" else policy.egress
-        for family in (4, 6):
-            for proto in ("tcp", "udp"):
-                entries = [e for e in pool if e.family == family and e.proto == proto]
-                lines += _set_lines(set_name(direction, family, proto), family, entries)
-                lines.append("")
+        lines += _direction_sets(direction, policy.ingress if direction == "in" else policy.egress)
     for direction in directions:
         chain, hook = ("input", "input") if direction == "in" else ("output", "output")
         lines.append(f"\tchain {chain} {{")
