@@ -197,56 +197,65 @@ class _Linter:
                 result[name] = dict(_STANDIN_SERVICE)
         return result
 
+    def _broken_count(self) -> int:
+        return (len(self.broken_hosts) + len(self.broken_networks) + len(self.broken_services) + len(self.broken_flows)
+                + self.broken_management)
+
+    def _repeat(self, attempt, limit: int):
+        """Run a section check until it passes or finds nothing new; each round leaves one more broken entry out.
+
+        A compile costs about as much as the whole catalog, so this costs one compile per broken entry
+        (plus one) rather than one per entry.
+        """
+        for _round in range(limit + 1):
+            known = self._broken_count()
+            if attempt() or self._broken_count() == known:
+                return
+
     def _sections(self):
         """Check each section on its own, with stand-ins for what is already known to be broken."""
+        # Hosts' variables (an error in one stops the whole compile).
+        hosts = sorted(self.hostvars)
+        self._repeat(lambda: self._check({"portguard_deny_all": True}, hostvars=self._clean_hostvars(),
+                                         groups={"all": hosts}), len(hosts))
+        # Networks, with the inventory's names (a network may not be named like a group or host).
         no_hosts = {host: {} for host in self.hostvars}
-        # Every host's variables on their own (a host error stops the whole compile).
-        for host in sorted(self.hostvars):
-            if host not in self.broken_hosts:
-                self._check({"portguard_deny_all": True}, hostvars={host: self.hostvars[host]}, groups={"all": [host]})
-        # Networks: each broken one is replaced and the check repeated (bounded by their number).
         raw_networks = self.catalog.get("portguard_networks")
-        for _round in range(len(raw_networks) if isinstance(raw_networks, dict) else 1):
-            networks = self._networks() if isinstance(raw_networks, dict) else raw_networks
-            known = len(self.broken_networks)
-            if self._check({"portguard_networks": networks, "portguard_deny_all": True}, hostvars=no_hosts):
-                break
-            if not isinstance(raw_networks, dict) or len(self.broken_networks) == known:
-                break
-        # Services one by one: they do not refer to each other.
+        self._repeat(lambda: self._check({"portguard_networks": self._networks() if isinstance(raw_networks, dict)
+                                          else raw_networks, "portguard_deny_all": True}, hostvars=no_hosts),
+                     len(raw_networks) if isinstance(raw_networks, dict) else 0)
+        # Services: they do not refer to anything.
         raw_services = self.catalog.get("portguard_services")
-        if isinstance(raw_services, dict):
-            for name, spec in raw_services.items():
-                if name not in self.broken_services:
-                    self._check({"portguard_services": {name: spec}, "portguard_deny_all": True}, hostvars={})
-        else:
-            self._check({"portguard_services": raw_services, "portguard_deny_all": True}, hostvars={})
-        base = {"portguard_networks": self._networks(), "portguard_services": self._services(),
-                "portguard_deny_all": True}
-        clean = self._clean_hostvars()
-        # Flows one by one, each compiled as the only flow (index 0) and its path put back.
-        flows = self.catalog.get("portguard_flows")
+        self._repeat(lambda: self._check({"portguard_services": self._services(standins=False)
+                                          if isinstance(raw_services, dict) else raw_services,
+                                          "portguard_deny_all": True}, hostvars={}, groups={}),
+                     len(raw_services) if isinstance(raw_services, dict) else 0)
         deny_all = self.catalog.get("portguard_deny_all")
         if deny_all is not None:
             try:
                 parse_bool(deny_all, "portguard_deny_all")
             except CatalogError as exc:
                 self.errors.append(_error(exc))
-        if isinstance(flows, list):
-            for index, flow in enumerate(flows):
-                if index in self.broken_flows:
-                    continue
+        # Flows and the floor, against the valid rest (broken names stand in, so references resolve).
+        base = {"portguard_networks": self._networks(), "portguard_services": self._services(),
+                "portguard_deny_all": True}
+        clean = self._clean_hostvars()
+        flows = self.catalog.get("portguard_flows")
+        if isinstance(flows, list) and flows:
+            def attempt():
+                remaining = [index for index in range(len(flows)) if index not in self.broken_flows]
 
-                def remap(path, index=index):
-                    return _FLOW_PATH.sub(f"portguard_flows[{index}]", path, count=1)
+                def remap(path):
+                    return _FLOW_PATH.sub(lambda m: f"portguard_flows[{remaining[int(m.group(1))]}]", path, count=1)
 
-                self._check({**base, "portguard_flows": [flow]}, hostvars=clean, remap=remap)
-        if not flows and flows is not None and not isinstance(flows, list):
-            self._check({"portguard_flows": flows, "portguard_deny_all": True}, hostvars={})
-        elif not flows:
-            self._check({"portguard_flows": flows, "portguard_deny_all": deny_all}, hostvars={})
-        elif not isinstance(flows, list):
-            self._check({"portguard_flows": flows, "portguard_deny_all": True}, hostvars={})
+                return self._check({**base, "portguard_flows": [flows[index] for index in remaining]},
+                                   hostvars=clean, remap=remap)
+
+            self._repeat(attempt, len(flows))
+        elif isinstance(flows, list) or flows is None:
+            self._check({"portguard_flows": flows, "portguard_deny_all": deny_all}, hostvars={}, groups={})
+        else:
+            self._check({"portguard_flows": flows, "portguard_deny_all": True}, hostvars={}, groups={})
         if not self.broken_management and self.catalog.get("portguard_management") is not None:
             self._check({**base, "portguard_management": self.catalog["portguard_management"]}, hostvars=clean)
 
