@@ -15,6 +15,7 @@ restores the previous ruleset (or removes ours) and records why.
 """
 
 import fcntl
+import ipaddress
 import json
 import os
 import re
@@ -38,17 +39,18 @@ LOADER_PATH = "/usr/local/sbin/portguard-load"
 # The ipsets of the iptables backend (render_iptables.SETS), with their family; nothing else is touched.
 SETS = {"portguard-in4": "inet", "portguard-in6": "inet6", "portguard-out4": "inet", "portguard-out6": "inet6"}
 SET_TYPE = "hash:net,port"
-CHECK_PREFIX = "portguard-chk"  # temporary sets of a validation: portguard-chk<pid>-in4
+SET_COMMENT_BYTES = 255
 
 _COUNTER_RE = re.compile(r"\s*counter packets \d+ bytes \d+")
 _ELEMENTS_RE = re.compile(r"elements = \{(.*?)\}", re.S)
 _SET_NAME = r"portguard-(?:in|out)[46]"
-# The only lines a rendered ipset payload may hold (controller-side validation refuses quotes and newlines
-# in comments; this keeps a payload from naming other sets or doing anything else).
+# The lines a rendered ipset payload holds; check_ipset_payload checks their values and order too.
 _IPSET_LINE_RE = re.compile(
-    rf"(#[^\n]*|create ({_SET_NAME})-new hash:net,port family inet6? hashsize \d+ maxelem \d+ counters comment"
-    rf"|add ({_SET_NAME})-new [0-9a-fA-F.:/]+,(tcp|udp):\d+(-\d+)? comment \"[^\"\n]*\""
-    rf"|swap ({_SET_NAME})-new \6|destroy ({_SET_NAME})-new)")
+    rf"create (?P<create>{_SET_NAME})-new hash:net,port family (?P<family>inet6?) hashsize (?P<hashsize>\d+) "
+    r"maxelem (?P<maxelem>\d+) counters comment"
+    rf"|add (?P<add>{_SET_NAME})-new (?P<address>[0-9a-fA-F.:/]+),(?P<proto>tcp|udp):(?P<lo>\d+)(?:-(?P<hi>\d+))? "
+    r'comment "(?P<comment>[^"\\\n]*)"'
+    rf"|swap (?P<swap>{_SET_NAME})-new (?P=swap)|destroy (?P<destroy>{_SET_NAME})-new")
 _SET_COUNTERS_RE = re.compile(r" packets \d+ bytes \d+")
 _PORT_RANGE_RE = re.compile(r"^(\S+),(\w+):(\d+)-(\d+)$")
 
@@ -144,27 +146,72 @@ def normalize_ipset(text: str | None, rendered: bool = False) -> list[str]:
 
 
 def check_ipset_payload(payload: str, sets) -> None:
-    """Refuse a payload or set list that names anything but our own sets, or holds any other command."""
+    """Everything the kernel would check in a payload, without the kernel (ipset has no test mode).
+
+    Only our own sets, each in the order create, add..., swap, destroy; elements that
+    ``hash:net,port`` takes (an address of the set's family with a prefix of 1 or more, ports
+    0-65535, a comment of at most 255 bytes, no duplicate) and no more of them than maxelem.
+    """
     for name, family in sets:
         if SETS.get(name) != family:
             raise HostError(f"refused set {name!r} ({family!r}): not one of portguard's own sets")
+    expected = dict(sets)
+    state, counts, seen = {}, {}, set()
     for number, line in enumerate(payload.splitlines(), 1):
-        if line and not _IPSET_LINE_RE.fullmatch(line):
-            raise HostError(f"refused ipset payload line {number}: {line[:120]!r}")
+        if not line or line.startswith("#"):
+            continue
+        match = _IPSET_LINE_RE.fullmatch(line)
+        problem = None if match else "not a line portguard renders"
+        if match and match["create"]:
+            name = match["create"]
+            if expected.get(name) != match["family"] or name in state:
+                problem = f"set {name} is not listed with family {match['family']}, or is created twice"
+            state[name], counts[name] = ("created", int(match["maxelem"])), 0
+        elif match and match["add"]:
+            name = match["add"]
+            problem = _element_problem(match, expected.get(name)) if state.get(name, ("",))[0] == "created" \
+                else f"add to {name}-new outside its create/swap"
+            if not problem:
+                element = (name, match["address"], match["proto"], match["lo"], match["hi"])
+                counts[name] += int(match["hi"] or match["lo"]) - int(match["lo"]) + 1
+                if element in seen:
+                    problem = "duplicate element"
+                elif counts[name] > state[name][1]:
+                    problem = f"more elements than maxelem {state[name][1]}"
+                seen.add(element)
+        elif match and match["swap"]:
+            problem = None if state.get(match["swap"], ("",))[0] == "created" else "swap before create"
+            state[match["swap"]] = ("swapped", 0)
+        elif match:
+            problem = None if state.get(match["destroy"], ("",))[0] == "swapped" else "destroy before swap"
+            state[match["destroy"]] = ("done", 0)
+        if problem:
+            raise HostError(f"refused ipset payload line {number} ({problem}): {line[:120]!r}")
+    if payload and sorted(state) != sorted(expected) or any(value[0] != "done" for value in state.values()):
+        raise HostError("refused ipset payload: it does not fill and swap in exactly the listed sets")
+
+
+def _element_problem(match, family) -> str | None:
+    try:
+        network = ipaddress.ip_network(match["address"] if "/" in match["address"] else match["address"] + "/"
+                                       + ("32" if "." in match["address"] else "128"))
+    except ValueError as exc:
+        return str(exc)
+    if network.version != (4 if family == "inet" else 6) or network.prefixlen == 0:
+        return "address of another family, or a /0 (hash:net refuses it)"
+    if str(network.network_address) != match["address"].split("/")[0]:
+        return "address not as ipset prints it"
+    low, high = int(match["lo"]), int(match["hi"] or match["lo"])
+    if not low <= high <= 65535:
+        return "port out of range"
+    if len(match["comment"].encode("utf-8")) > SET_COMMENT_BYTES:
+        return f"comment over {SET_COMMENT_BYTES} bytes"
+    return None
 
 
 def ipset_usable() -> bool:
     """The ipset tool is installed and the kernel has ip_set (``ipset list -n`` fails without it)."""
     return bool(shutil.which("ipset")) and run(["ipset", "list", "-n"], check=False).returncode == 0
-
-
-def _destroy_stale_checks():
-    """Temporary sets of a validation whose process died before destroying them (it was killed)."""
-    listed = run(["ipset", "list", "-n"], check=False).stdout.split()
-    pids = {name: name[len(CHECK_PREFIX):].split("-")[0] for name in listed if name.startswith(CHECK_PREFIX)}
-    stale = [name for name, pid in pids.items() if pid.isdigit() and not _alive(int(pid))]
-    if stale:
-        run(["sh", "-c", _destroy_sets_script(stale)], check=False)
 
 
 def _destroy_sets_script(names) -> str:
@@ -281,40 +328,23 @@ class IptablesBackend:
         return before, after
 
     def validate(self, ruleset):
-        """``iptables-restore --test`` of both families; with sets, against temporary copies of them.
+        """Check the sets' payload, then ``iptables-restore --test`` both families; writes nothing.
 
-        ipset has no test mode, and the set match refuses a set that does not exist: the payload is
-        restored into temporary sets (``portguard-chk<pid>-*``, destroyed before returning), and the
-        rules are tested against those. The live sets and chains are not touched.
+        ipset has no test mode: the payload is checked here for everything the kernel would refuse
+        (check_ipset_payload). The set match refuses a set that does not exist, so a rule naming one
+        of our sets is tested only when that set exists (every run after the first); before, it is
+        left out of the test. It is a fixed line of the renderer, the same on every host.
         """
         payload, sets = ruleset.get("ipset") or "", [tuple(s) for s in ruleset.get("sets") or ()]
         check_ipset_payload(payload, sets)
-        if not payload:
-            self._test_rules(ruleset, {})
-            return
-        if not ipset_usable():
+        if payload and not ipset_usable():
             raise HostError("the ruleset needs ipset, but the ipset tool or the kernel's ip_set is missing on this "
                             "host; nothing was changed")
-        _destroy_stale_checks()
-        temp = {name: f"{CHECK_PREFIX}{os.getpid()}-{name.split('-')[1]}" for name, _ in sets}
-        lines = []
-        for line in payload.splitlines():
-            words = line.split(" ", 2)
-            if words[0] in ("create", "add"):
-                lines.append(" ".join([words[0], temp[words[1].removesuffix("-new")], words[2]]))
-        try:
-            proc = run(["ipset", "restore"], "\n".join(lines) + "\n", check=False)
-            if proc.returncode != 0:
-                raise HostError(f"ipset restore rejected the sets, nothing was changed: {proc.stderr.strip()}")
-            self._test_rules(ruleset, temp)
-        finally:
-            run(["sh", "-c", _destroy_sets_script(sorted(temp.values()))], check=False)
-
-    def _test_rules(self, ruleset, temp):
+        existing = set(run(["ipset", "list", "-n"], check=False).stdout.split()) if payload else set()
+        absent = {name for name, _ in sets if name not in existing}
         for tool, family in self.families:
-            rules = ruleset[family]
-            for name, stand_in in temp.items():
-                rules = rules.replace(f" --match-set {name} ", f" --match-set {stand_in} ")
+            rules = "".join(line + "\n" for line in ruleset[family].splitlines()
+                            if not any(f" --match-set {name} " in line for name in absent))
             proc = run([f"{tool}-restore", "--test", "--noflush"], rules, check=False)
             if proc.returncode != 0:
                 raise HostError(f"{tool}-restore --test rejected the {family} rules, nothing was changed: "
@@ -398,6 +428,8 @@ class IptablesBackend:
             "if ! load ruleset; then\n"
             "  echo 'portguard: persisted rules failed to load, loading the management-only fallback' >&2\n"
             "  load fallback || exit 1\n"
+            "  # the fallback has no set rule: sets a partial load left hold flows it must not allow\n"
+            f"  while read -r name family; do ipset destroy \"$name\" 2>/dev/null; done < {PERSIST_DIR}/sets\n"
             "fi\n"
             f"while read -r builtin chain; do\n"
             "  for tool in iptables ip6tables; do\n"
