@@ -95,6 +95,30 @@ def parse_iptables_save(texts: dict) -> dict:
     return result
 
 
+_IPSET_ADD_RE = re.compile(r'^add (portguard-(in|out)([46])) (\S+),(\S+) packets (\d+) bytes (\d+)(?: comment "([^"]*)")?')
+
+
+def parse_ipset_save(text: str) -> list[dict]:
+    """Per-element counters of our sets (``ipset save``), named like the chain that matches them."""
+    elements = []
+    for line in text.splitlines():
+        match = _IPSET_ADD_RE.match(line.strip())
+        if match:
+            chain = "PORTGUARD-IN" if match.group(2) == "in" else "PORTGUARD-OUT"
+            elements.append({"set": f"{chain}/ipv{match.group(3)}", "addresses": match.group(4),
+                             "ports": match.group(5), "comment": match.group(8) or "",
+                             "packets": int(match.group(6)), "bytes": int(match.group(7))})
+    return elements
+
+
+def _ipset_save_ours() -> str:
+    if not shutil.which("ipset"):
+        return ""
+    names = _run(["ipset", "list", "-n"]).stdout.split()
+    return "".join(_run(["ipset", "save", name]).stdout for name in sorted(names)
+                   if re.fullmatch(r"portguard-(in|out)[46]", name))
+
+
 def read_counters() -> dict:
     """The counters of whichever backend holds our rules; ``backend: none`` when neither does."""
     if shutil.which("nft"):
@@ -105,7 +129,10 @@ def read_counters() -> dict:
         texts = {family: _run([tool, "-c", "-t", "filter"]).stdout
                  for tool, family in (("iptables-save", "ipv4"), ("ip6tables-save", "ipv6"))}
         if any("PORTGUARD-" in text for text in texts.values()):
-            return parse_iptables_save(texts)
+            result = parse_iptables_save(texts)
+            # the ipset variant keeps its whitelist, and the per-entry counters, in sets
+            result["elements"] += parse_ipset_save(_ipset_save_ours())
+            return result
     return {"backend": "none", "denied_in": None, "denied_out": None, "logged_in": None, "logged_out": None,
             "elements": []}
 

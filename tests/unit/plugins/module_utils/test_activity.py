@@ -127,3 +127,16 @@ def test_first_read_skips_lines_before_the_last_apply(monkeypatch):
     # with a cursor, the cursor decides
     cursor = {"source": "kmsg", "boot_id": "b", "seq": 1}
     assert activity.read_kmsg(PREFIX, (), cursor, not_before=9999.95)["lines"] == 2
+
+
+def test_ipset_elements_are_counted_like_iptables_rules():
+    saved = ('create portguard-in4 hash:net,port family inet hashsize 64 maxelem 65536 counters comment\n'
+             'add portguard-in4 10.0.0.0/24,tcp:22 packets 3 bytes 180 comment "management/ssh: Remote administration"\n'
+             'add portguard-out6 2001:db8::1,udp:53 packets 0 bytes 0\n'
+             'add f2b-sshd 198.51.100.7,tcp:22 packets 9 bytes 9\n')
+    assert activity.parse_ipset_save(saved) == [
+        {"set": "PORTGUARD-IN/ipv4", "addresses": "10.0.0.0/24", "ports": "tcp:22",
+         "comment": "management/ssh: Remote administration", "packets": 3, "bytes": 180},
+        {"set": "PORTGUARD-OUT/ipv6", "addresses": "2001:db8::1", "ports": "udp:53", "comment": "", "packets": 0,
+         "bytes": 0},
+    ]
