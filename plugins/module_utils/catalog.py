@@ -28,8 +28,9 @@ from ansible_collections.portguard.hardening.plugins.module_utils.policy import 
     Label,
     Policy,
     address_in,
+    address_text,
     disjoint_entries,
-    merge_intervals,
+    merge_ranges,
 )
 from ansible_collections.portguard.hardening.plugins.module_utils.validate import (
     check_name,
@@ -119,10 +120,10 @@ def host_addresses(host: str, hostvars: dict) -> tuple[str, ...]:
             raise SchemaError(f"{base}.portguard_addresses", f"expected a list of addresses, got {type_name(raw)}")
         parsed = set()
         for index, value in enumerate(values):
-            path = f"{base}.portguard_addresses[{index}]"
-            parse_network(value, path, plain=True)
-            parsed.add(ipaddress.ip_address(value))
-        return tuple(str(a) for a in sorted(parsed, key=lambda a: (a.version, a)))
+            family, number, _ = parse_network(value, f"{base}.portguard_addresses[{index}]", plain=True)
+            parsed.add((family, number))
+        # address_text writes what str(ipaddress.ip_address()) writes; sorted as (version, address) sorts them
+        return tuple(address_text(family, number) for family, number in sorted(parsed))
     ansible_host = variables.get("ansible_host")
     if isinstance(ansible_host, str):
         try:
@@ -190,9 +191,9 @@ class _Compiler:
         self.host_intervals = {}
         for host, settings in self.hosts.items():
             per_family = {4: [], 6: []}
-            for address in settings.addresses:
-                parsed = ipaddress.ip_address(address)
-                per_family[parsed.version].append((int(parsed), int(parsed)))
+            for address in settings.addresses:  # written by host_addresses: valid plain addresses
+                family, number, _ = parse_network(address, f"hostvars.{host}", plain=True)
+                per_family[family].append((number, number))
             self.host_intervals[host] = per_family
             if not settings.addresses:
                 self.findings.append(Finding("warning", "host-without-address", f"hostvars.{host}",
@@ -203,10 +204,11 @@ class _Compiler:
         self.flows = self._flows()
         self.management = self._management()
         self.labels: list[Label] = []
-        self.label_ids: dict[Label, int] = {}
+        self.label_ids: dict[tuple, int] = {}  # by the label's fields: cheaper to hash than the Label
         self.flows_to: dict[str, list[Flow]] = {}
         self._ingress_memo: dict[tuple, tuple] = {}
         self._source_starts: dict[tuple, list] = {}
+        self._egress_memo: dict[tuple, list] = {}
         for flow in self.flows:
             for host in flow.targets:
                 self.flows_to.setdefault(host, []).append(flow)
@@ -262,8 +264,7 @@ class _Compiler:
                     raise UnknownNameError(entry_path, f"unknown network {entry!r}{hint}")
                 family, low, high = parse_network(entry, entry_path)
                 per_family[family].append((low, high))
-            result = {family: [(lo, hi) for lo, hi, _ in merge_intervals((lo, hi, 0) for lo, hi in per_family[family])]
-                      for family in FAMILIES}
+            result = {family: merge_ranges(per_family[family]) for family in FAMILIES}
             resolved[name] = result
             return result
 
@@ -292,7 +293,7 @@ class _Compiler:
                 self.findings.append(Finding("warning", "service-undocumented", path, f"service {name} has no {missing}"))
             merged = []
             for proto in protos:
-                for low, high, _ in merge_intervals((lo, hi, 0) for lo, hi in ports):
+                for low, high in merge_ranges(ports):
                     merged.append((proto, low, high))
             services[name] = Service(name, tuple(merged), purpose, owner)
         return services
@@ -326,8 +327,7 @@ class _Compiler:
             else:
                 check_text(name, item_path)
                 raise UnknownNameError(item_path, f"unknown name {name!r}: not a network, an inventory group or a host")
-        return {family: [(lo, hi) for lo, hi, _ in merge_intervals((lo, hi, 0) for lo, hi in per_family[family])]
-                for family in FAMILIES}
+        return {family: merge_ranges(per_family[family]) for family in FAMILIES}
 
     def resolve_targets(self, names, path, raw):
         targets = set()
@@ -461,11 +461,12 @@ class _Compiler:
 
     # per host ------------------------------------------------------------
     def _label(self, flow_name, service) -> int:
-        label = Label(flow_name, service.name, service.purpose, service.owner)
-        if label not in self.label_ids:
-            self.label_ids[label] = len(self.labels)
-            self.labels.append(label)
-        return self.label_ids[label]
+        key = (flow_name, service.name, service.purpose, service.owner)
+        found = self.label_ids.get(key)
+        if found is None:
+            found = self.label_ids[key] = len(self.labels)
+            self.labels.append(Label(*key))
+        return found
 
     def _ingress_rects(self, host, flows):
         rects: dict[tuple[int, str], list] = {}
@@ -533,16 +534,25 @@ class _Compiler:
                     starts = self._source_starts[id(flow), family] = [lo for lo, _ in flow.sources[family]]
                 if not any(address_in(flow.sources[family], starts, lo) for lo, _ in mine[family]):
                     continue
-                for target in sorted(flow.targets):
-                    if target == host:
-                        continue
-                    for service in flow.services:
-                        label = self._label(flow.name, service)
-                        for proto, port_lo, port_hi in service.ports:
-                            bucket = rects.setdefault((family, proto), [])
-                            for addr_lo, addr_hi in self.host_intervals[target][family]:
-                                bucket.append((addr_lo, addr_hi, port_lo, port_hi, label))
+                for target, proto, items in self._egress_rects(flow, family):
+                    if target != host:
+                        rects.setdefault((family, proto), []).extend(items)
         return self._entries(rects)
+
+    def _egress_rects(self, flow, family):
+        """``(target, proto, rects)`` of a flow's destinations, the same for every egress host: made once per flow."""
+        key = (id(flow), family)  # flows live as long as the compiler
+        found = self._egress_memo.get(key)
+        if found is None:
+            found = []
+            for target in sorted(flow.targets):
+                addresses = self.host_intervals[target][family]
+                for service in flow.services:
+                    label = self._label(flow.name, service)
+                    for proto, port_lo, port_hi in service.ports:
+                        found.append((target, proto, [(lo, hi, port_lo, port_hi, label) for lo, hi in addresses]))
+            self._egress_memo[key] = found
+        return found
 
 
 def _ports_within(inner: frozenset, outer: frozenset) -> bool:

@@ -242,6 +242,23 @@ def merge_intervals(intervals):
     return merged
 
 
+def merge_ranges(ranges) -> list[tuple[int, int]]:
+    """Union of ``(lo, hi)`` ranges as sorted, disjoint ``(lo, hi)``; adjacent ones are joined."""
+    merged = []
+    last_lo = last_hi = None
+    for low, high in sorted(ranges):
+        if last_hi is not None and low <= last_hi + 1:
+            if high > last_hi:
+                last_hi = high
+        else:
+            if last_hi is not None:
+                merged.append((last_lo, last_hi))
+            last_lo, last_hi = low, high
+    if last_hi is not None:
+        merged.append((last_lo, last_hi))
+    return merged
+
+
 def disjoint_entries(family: int, proto: str, rects, labels: list[Label]) -> list[Entry]:
     """Turn overlapping ``(addr_lo, addr_hi, port_lo, port_hi, label_id)`` into disjoint entries.
 

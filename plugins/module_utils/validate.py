@@ -26,6 +26,7 @@ PROTOCOLS = ("tcp", "udp")
 # Characters that end or escape a quoted string in nft or iptables-restore
 # syntax, or that a shell would interpret if someone pasted a rule.
 _FORBIDDEN_CHARS = frozenset("\"'\\`")
+_FORBIDDEN_RE = re.compile("[" + re.escape("".join(sorted(_FORBIDDEN_CHARS))) + "]")
 # Patterns end in \Z, not $: $ also matches before a trailing newline.
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}\Z")
 _V4_RE = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}(?:/(?:0|[1-9]\d?))?\Z")
@@ -70,6 +71,11 @@ def check_text(value, path: str) -> str:
     """A free-text value (purpose, owner, flow name) safe to quote in a rule."""
     if not isinstance(value, str):
         raise SchemaError(path, f"expected a string, got {type_name(value)}")
+    if value.isascii() and value.isprintable() and not _FORBIDDEN_RE.search(value):
+        # Printable ASCII holds no control or format character: the loop below would find nothing.
+        if len(value) > MAX_TEXT_BYTES:
+            raise UnsafeStringError(path, f"{len(value)} bytes after UTF-8 encoding; at most {MAX_TEXT_BYTES} are allowed")
+        return value
     for char in value:
         if char in _FORBIDDEN_CHARS:
             raise UnsafeStringError(path, f"the character {char!r} is not allowed (it could end a quoted string in a rule)")
