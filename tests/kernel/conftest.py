@@ -10,12 +10,15 @@ from ansible_collections.portguard.hardening.plugins.module_utils.catalog import
 
 LAB_TOOLS = ("ip", "nft", "sysctl")
 BACKENDS = {"nftables": Nftables, "iptables": lambda: Iptables("default"),
-            "iptables-legacy": lambda: Iptables("legacy")}
+            "iptables-rules": lambda: Iptables("default", ipset=False),
+            "iptables-legacy": lambda: Iptables("legacy"),
+            "iptables-legacy-rules": lambda: Iptables("legacy", ipset=False)}
 
 
 @pytest.fixture(scope="module", params=list(BACKENDS))
 def backend(request):
-    """nftables; iptables through the default iptables-restore (iptables-nft on Debian 12); iptables-legacy."""
+    """nftables; iptables through the default iptables-restore (iptables-nft on Debian 12) and iptables-legacy,
+    each with the whitelist in ipsets and with the per-source rules fallback (``-rules``)."""
     chosen = BACKENDS[request.param]()
     require(*chosen.tools)
     return chosen

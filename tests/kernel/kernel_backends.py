@@ -1,16 +1,20 @@
-"""The two ways a ruleset gets into a kernel, as the host module will do it, plus the foreign rules around it.
+"""The ways a ruleset gets into a kernel, as the host module does it, plus the foreign rules around it.
 
 Each backend knows how to load a rendered ruleset (twice is a replace), how
-to read back our own rules in the form the renderer writes them, how to read
-the deny counters, and how to set up and snapshot foreign rules (Docker-like
-nat and filter chains, a fail2ban-like nft table) that loading ours must not
-touch.
+to read back our own rules (and sets) in the form the renderer writes them,
+how to read the deny counters, and how to set up and snapshot foreign rules
+(Docker-like nat and filter chains, a fail2ban-like nft table, and for
+iptables a fail2ban-like ipset with a rule using it) that loading ours must
+not touch. The iptables backends load through the host module's own steps
+(``firewall_host.IptablesBackend.apply_steps``), in the ipset variant or in
+the per-source rules fallback.
 """
 
 import re
 
 from kernel_lab import NetLab, compare, denied_states, matrix, normalize_nft, rendered_table, short
 
+from ansible_collections.portguard.hardening.plugins.module_utils import firewall_host
 from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import render_iptables
 from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import render_nftables
 
@@ -61,6 +65,11 @@ FOREIGN_IPV6 = """*filter
 COMMIT
 """
 OUR_TABLE = ("inet", "portguard")
+# A fail2ban-like ipset, and the rule that uses it (an address the sample never uses).
+FOREIGN_IPSET = """create f2b-sshd hash:ip family inet hashsize 1024 maxelem 65536 counters comment
+add f2b-sshd 198.51.100.7 packets 0 bytes 0 comment "banned"
+"""
+FOREIGN_SET_RULE = ("-A", "INPUT", "-m", "set", "--match-set", "f2b-sshd", "src", "-p", "tcp", "--dport", "22", "-j", "DROP")
 
 
 def nft_tables(lab: NetLab) -> list[tuple[str, str]]:
@@ -116,44 +125,50 @@ _POLICY_COUNTS = re.compile(r"^(:\S+ \S+) \[\d+:\d+\]$")
 _OURS = re.compile(r"^(:PORTGUARD-|-A PORTGUARD-|-A (INPUT|OUTPUT) -j PORTGUARD-(IN|OUT)$)")
 
 
+def ipset_save(lab: NetLab, ours: bool) -> str:
+    """``ipset save`` of our sets (``ours``) or of every other set, in the host under test."""
+    names = lab.ns(lab.dst, "ipset", "list", "-n").stdout.split()
+    return "".join(lab.ns(lab.dst, "ipset", "save", name).stdout for name in sorted(names)
+                   if (name.removesuffix("-new") in firewall_host.SETS) == ours)
+
+
 class Iptables:
-    """``variant`` "default" is whatever ``iptables-restore`` is (iptables-nft on Debian 12); "legacy" is x_tables."""
+    """``variant`` "default" is whatever ``iptables-restore`` is (iptables-nft on Debian 12); "legacy" is x_tables.
+
+    ``ipset`` renders the whitelist into ipsets; without it, one rule per source (the fallback).
+    """
 
     name = "iptables"
 
-    def __init__(self, variant: str):
+    def __init__(self, variant: str, ipset: bool = True):
         self.variant = variant
+        self.ipset = ipset
         suffix = "-legacy" if variant == "legacy" else ""
+        self.host = firewall_host.IptablesBackend(suffix)
         self.cmd = {family: f"{prefix}{suffix}" for family, prefix in ((4, "iptables"), (6, "ip6tables"))}
         self.restore = {family: f"{prefix}{suffix}-restore" for family, prefix in ((4, "iptables"), (6, "ip6tables"))}
         self.save = {family: f"{prefix}{suffix}-save" for family, prefix in ((4, "iptables"), (6, "ip6tables"))}
-        self.tools = ("nft", *self.cmd.values(), *self.restore.values(), *self.save.values())
+        self.tools = ("nft", "ipset", *self.cmd.values(), *self.restore.values(), *self.save.values())
 
     def render(self, policy):
-        return render_iptables(policy)
+        return render_iptables(policy, ipset=self.ipset)
 
     def _payload(self, ruleset, family: int) -> str:
         return ruleset.ipv4 if family == 4 else ruleset.ipv6
 
     def load(self, lab: NetLab, policy) -> None:
-        """What the firewall module does: restore our chains without flushing, then add each jump once."""
+        """What the firewall module does: its apply steps (sets, chains without flushing, each jump once)."""
         lab.used_legacy |= self.variant == "legacy"
-        ruleset = self.render(policy)
-        for family in (4, 6):
-            lab.ns(lab.dst, self.restore[family], "-w", "5", "--noflush", input=self._payload(ruleset, family))
-        for builtin, chain in ruleset.jumps:
-            for family in (4, 6):
-                check = lab.ns(lab.dst, self.cmd[family], "-w", "5", "-C", builtin, "-j", chain, check=False)
-                if check.returncode == 1:
-                    lab.ns(lab.dst, self.cmd[family], "-w", "5", "-I", builtin, "1", "-j", chain)
-                elif check.returncode != 0:
-                    raise AssertionError(f"{self.cmd[family]} -C {builtin} -j {chain}: {check.stderr.strip()}")
+        for argv, data in self.host.apply_steps(self.render(policy).as_dict()):
+            lab.ns(lab.dst, *argv, input=data)
 
     def create_foreign(self, lab: NetLab) -> None:
         lab.used_legacy |= self.variant == "legacy"
         lab.ns(lab.dst, self.restore[4], "-w", "5", "--noflush", input=FOREIGN_IPV4)
         lab.ns(lab.dst, self.restore[6], "-w", "5", "--noflush", input=FOREIGN_IPV6)
         lab.ns(lab.dst, "nft", "-f", "-", input=FOREIGN_NFT)
+        lab.ns(lab.dst, "ipset", "restore", input=FOREIGN_IPSET)
+        lab.ns(lab.dst, self.cmd[4], "-w", "5", *FOREIGN_SET_RULE)
 
     def _save(self, lab: NetLab, family: int, *args: str) -> str:
         return lab.ns(lab.dst, self.save[family], *args).stdout
@@ -180,6 +195,7 @@ class Iptables:
         skip = {("ip", "filter"), ("ip6", "filter"), ("ip", "nat"), ("ip6", "nat")} if self.variant != "legacy" else set()
         for key, text in nft_snapshot(lab, skip=skip).items():
             snapshot[key] = normalize_nft(text) if strip_counters else text
+        snapshot["ipset"] = ipset_save(lab, ours=False)
         return snapshot
 
     def _our_lines(self, lab: NetLab, family: int) -> list[str]:
@@ -187,13 +203,15 @@ class Iptables:
                 if line.startswith("-A PORTGUARD-")]
 
     def live(self, lab: NetLab) -> str:
-        return "\n".join(f"{line}" for family in (4, 6) for line in self._our_lines(lab, family)) + "\n"
+        """Our rules as listed, then our sets as ``ipset save`` lists them (normalized like the host module does)."""
+        lines = [line for family in (4, 6) for line in self._our_lines(lab, family)]
+        return "\n".join(lines + firewall_host.normalize_ipset(ipset_save(lab, ours=True))) + "\n"
 
     def expected(self, policy) -> str:
         ruleset = self.render(policy)
         lines = [line for family in (4, 6) for line in self._payload(ruleset, family).splitlines()
                  if line.startswith("-A ")]
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + firewall_host.normalize_ipset(ruleset.ipset, rendered=True)) + "\n"
 
     def copies(self, lab: NetLab) -> dict:
         found = {}
@@ -202,13 +220,16 @@ class Iptables:
             for builtin, chain in (("INPUT", "PORTGUARD-IN"), ("OUTPUT", "PORTGUARD-OUT")):
                 found[f"IPv{family} {builtin} -j {chain}"] = saved.count(f"-A {builtin} -j {chain}")
                 found[f"IPv{family} :{chain}"] = sum(1 for line in saved if line.startswith(f":{chain} "))
+        names = lab.ns(lab.dst, "ipset", "list", "-n").stdout.split()
+        found["sets"] = sorted(name for name in names if name.startswith("portguard-"))
         return found
 
     def expected_copies(self, policy) -> dict:
         jumps = set(self.render(policy).jumps)
         return {f"IPv{family} {key}": int((builtin, chain) in jumps) for family in (4, 6)
                 for builtin, chain in (("INPUT", "PORTGUARD-IN"), ("OUTPUT", "PORTGUARD-OUT"))
-                for key in (f"{builtin} -j {chain}", f":{chain}")}
+                for key in (f"{builtin} -j {chain}", f":{chain}")} | {
+            "sets": sorted(name for name, _ in self.render(policy).sets)}
 
     def counter(self, lab: NetLab, direction: str) -> int:
         pattern = re.compile(rf"^\[(\d+):\d+\] -A PORTGUARD-{direction.upper()} -m comment --comment denied_{direction} ")

@@ -273,6 +273,8 @@ class NetLab:
                     self.ns(self.dst, tool, "-w", "-t", table, "-F")
                     self.ns(self.dst, tool, "-w", "-t", table, "-X")
                 self.ns(self.dst, tool, "-w", "-P", "FORWARD", "ACCEPT")
+        if shutil.which("ipset"):
+            self.ns(self.dst, "ipset", "destroy")  # every set of this namespace; no rule references them now
         self.flush_conntrack()
 
     def flush_conntrack(self) -> None:

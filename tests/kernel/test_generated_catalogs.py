@@ -3,7 +3,8 @@
 Seeded random catalogs give the renderers address ranges that are no CIDR
 (adjacent blocks merged), nested network names, raw CIDRs in flows, port
 ranges and lists, TCP+UDP services, more ports from one source than one
-iptables multiport rule holds, a peer without IPv6, and an expired flow.
+iptables multiport rule holds, a port range wider than an ipset element
+holds, a peer without IPv6, and an expired flow.
 Each host ruleset is loaded (twice) into a namespace, must read back as
 rendered, and real probes from every sampled source to every sampled port
 must get through exactly as ``Policy.allowed`` says.
@@ -11,6 +12,7 @@ must get through exactly as ``Policy.allowed`` says.
 
 import ipaddress
 import random
+import re
 
 import pytest
 from kernel_backends import check_traffic
@@ -69,8 +71,11 @@ def generated_inventory(seed: int):
     services["many"] = {"port": sorted(rng.sample(range(31000, 32000), 16)), "proto": "tcp",
                         "purpose": "Many ports", "owner": "tests"}
 
+    # A range wider than an ipset element holds (render_iptables.SET_PORT_SPAN): a rule next to the set.
+    services["wide"] = {"port": "40000-40100", "proto": "tcp", "purpose": "Wide range", "owner": "tests"}
+
     names = [*networks, *peers, "peers"]
-    service_names = [name for name in services if name not in ("ssh", "many")]
+    service_names = [name for name in services if name not in ("ssh", "many", "wide")]
     flows = []
     for index in range(5):
         sources = rng.sample(names, rng.randrange(1, 3))
@@ -80,6 +85,7 @@ def generated_inventory(seed: int):
                       "services": rng.sample(service_names, rng.randrange(1, 3))})
     flows.append({"name": "bulk", "from": rng.choice(sorted(peers)), "to": TARGET, "services": ["many"]})
     flows.append({"name": "gone", "from": "any", "to": TARGET, "services": service_names, "expires": "2020-01-31"})
+    flows.append({"name": "wide", "from": "peers", "to": TARGET, "services": ["wide"]})
     variables = {"portguard_networks": networks, "portguard_services": services, "portguard_flows": flows,
                  "portguard_management": {"from": ["net0"], "services": ["ssh"]}}
     return variables, groups, hostvars
@@ -122,6 +128,10 @@ def test_generated_catalogs_cover_what_the_example_does_not(generated):
     assert "-p udp" in iptables and "fd71:" in iptables, "no UDP or no IPv6 network"
     assert "drop" in nftables and "reject" in nftables, "not both deny verdicts"
     assert all(policy.expired for policy, _ in generated.values()), "the expired flow was not reported"
+    with_sets = [render_iptables(p, ipset=True) for p in policies]
+    assert any(re.search(r",(tcp|udp):\d+-\d+ ", r.ipset) for r in with_sets), "no port range in a set"
+    assert all("--dport 40000:40100" in r.ipv4 and "--match-set portguard-in4" in r.ipv4 for r in with_sets), \
+        "the wide range is not a rule next to the set"
 
 
 @pytest.mark.parametrize("seed", SEEDS)

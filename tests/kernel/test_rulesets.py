@@ -1,10 +1,11 @@
 """Rendered rulesets in a real kernel: loaded next to foreign rules, then tested with real packets.
 
 For each backend (nftables; iptables through the default ``iptables-restore``,
-which is iptables-nft on Debian 12; iptables-legacy) and for hosts of the
-example inventory, the host's ruleset is loaded into a throwaway namespace
-that already holds Docker-like iptables chains and a fail2ban-like nft
-table, and TCP and UDP probes over IPv4 and IPv6, from every sampled source
+which is iptables-nft on Debian 12, and iptables-legacy, each with the
+whitelist in ipsets and with the per-source rules fallback) and for hosts of
+the example inventory, the host's ruleset is loaded into a throwaway namespace
+that already holds Docker-like iptables chains, a fail2ban-like nft table
+(and for iptables a fail2ban-like ipset), and TCP and UDP probes over IPv4 and IPv6, from every sampled source
 to every sampled port, must get through exactly when ``Policy.allowed`` says
 so (enforce), or always (audit), with the deny counter counting every probe
 the catalog does not allow.
