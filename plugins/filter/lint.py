@@ -42,6 +42,8 @@ def lint(hostvars, groups, expiring_days=DEFAULT_EXPIRING_DAYS, today=None, host
     all_hosts = list(groups.get("all") or [])
     plain_groups = {name: list(members) for name, members in groups.items()}
     source = host if host is not None else (all_hosts[0] if all_hosts else None)
+    if source is None and "localhost" in hostvars:
+        source = "localhost"  # an inventory without hosts: the implicit localhost still gets group_vars/all
     variables = {}
     if source is not None:
         own = hostvars[source]

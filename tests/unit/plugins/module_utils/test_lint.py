@@ -164,3 +164,13 @@ def test_filter_returns_the_report_and_never_raises_on_a_bad_catalog():
     assert report["ok"] is False
     assert [f["code"] for f in report["findings"]] == ["unknown-name", "network-unused", "service-unused"]
     assert lint(hostvars, groups, expiring_days="30", today=datetime.date(2026, 11, 26))["expiring_days"] == 30
+
+
+def test_filter_reads_the_implicit_localhost_of_an_inventory_without_hosts():
+    from ansible_collections.portguard.hardening.plugins.filter.lint import FilterModule
+
+    lint = FilterModule().filters()["lint"]
+    catalog = copy.deepcopy(CASES["base"]["catalog"])
+    report = lint({"localhost": catalog}, {"all": [], "ungrouped": []}, today="2026-11-26")
+    assert [(f["code"], f["path"]) for f in report["findings"]] == [
+        ("unknown-name", "portguard_flows[0].to"), ("unknown-name", "portguard_flows[1].from")]
