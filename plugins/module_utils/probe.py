@@ -17,6 +17,7 @@ Classification:
 
 import errno
 import ipaddress
+import math
 import os
 import resource
 import select
@@ -25,6 +26,8 @@ import struct
 import time
 from collections import deque
 
+from ansible_collections.portguard.hardening.plugins.module_utils.errors import PortguardError
+
 OPEN, CLOSED, FILTERED = "open", "closed", "filtered"
 REJECT_ERRNOS = {errno.EHOSTUNREACH, errno.EACCES, errno.ENETUNREACH, errno.EPERM}
 PAYLOAD = b"portguard-probe\n"
@@ -32,6 +35,19 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 # Linux socket options the socket module does not name (linux/in.h, linux/in6.h).
 IP_RECVERR = 11
 IPV6_RECVERR = 25
+# File descriptors left to the rest of the process (Ansible's module glue, stdio) when sizing a run.
+FD_RESERVE = 64
+
+
+class ProbeError(PortguardError):
+    """A target or option the prober cannot use; raised before any probe is sent.
+
+    ``errno`` is set when the operating system refused it (a source address that is not local).
+    """
+
+    def __init__(self, message: str, error: int | None = None):
+        super().__init__(message)
+        self.errno = error
 
 
 def default_concurrency() -> int:
@@ -57,12 +73,84 @@ def _result(target, state, reason, rtt=None):
             "rtt_ms": None if rtt is None else round(rtt * 1000, 2)}
 
 
+def _family_of(address, cache):
+    family = cache.get(address)
+    if family is None:
+        family = cache[address] = ipaddress.ip_address(address).version
+    return family
+
+
+def check_targets(targets, source=None):
+    """Refuse a malformed target (naming its index), before anything is sent; returns each one's source."""
+    cache = {}
+    sources = []
+    for index, target in enumerate(targets):
+        where = f"targets[{index}]"
+        if not isinstance(target, (tuple, list)) or len(target) not in (3, 4):
+            raise ProbeError(f"{where}: a target is (address, port, proto[, source]), got {target!r}")
+        address, port, proto = target[:3]
+        try:
+            family = _family_of(address, cache) if isinstance(address, str) else None
+        except ValueError:
+            family = None
+        if family is None:
+            raise ProbeError(f"{where}: bad address {address!r}: expected an IPv4 or IPv6 address")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ProbeError(f"{where}: bad port {port!r}: expected an integer from 1 to 65535")
+        if proto not in ("tcp", "udp"):
+            raise ProbeError(f"{where}: bad proto {proto!r}: expected tcp or udp")
+        chosen = (target[3] if len(target) > 3 else None) or source
+        if chosen:
+            try:
+                source_family = _family_of(chosen, cache) if isinstance(chosen, str) else None
+            except ValueError:
+                source_family = None
+            if source_family is None:
+                raise ProbeError(f"{where}: bad source {chosen!r}: expected an IPv4 or IPv6 address")
+            if source_family != family:
+                raise ProbeError(f"{where}: source {chosen} and address {address} are not of the same family")
+        sources.append(chosen or None)
+    # A source that is not an address of this host fails at bind(): find out now, not halfway through.
+    seen = set()
+    for index, chosen in enumerate(sources):
+        if chosen and chosen not in seen:
+            seen.add(chosen)
+            kind = socket.AF_INET6 if cache[chosen] == 6 else socket.AF_INET
+            with socket.socket(kind, socket.SOCK_DGRAM) as sock:
+                try:
+                    sock.bind((chosen, 0))
+                except OSError as exc:
+                    raise ProbeError(f"targets[{index}]: source {chosen} cannot be used here: {exc.strerror}",
+                                     exc.errno) from exc
+    return sources
+
+
+def _fd_room():
+    """How many more sockets this process may open (soft limit less the descriptors in use and a reserve)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 0
+    return max(1, soft - in_use - FD_RESERVE)
+
+
 def probe_ports(targets, *, timeout=1.0, concurrency=None, source=None):
     """Probe ``targets``, ``(address, port, proto[, source])`` tuples; one result dict per target, in order.
 
-    ``source`` is the default source address for targets that name none.
+    ``source`` is the default source address for targets that name none. A bad
+    target or option raises ``ProbeError`` before anything is sent. The
+    concurrency is clamped to the sockets the process may open.
     """
-    concurrency = concurrency or default_concurrency()
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ProbeError(f"bad timeout {timeout!r}: expected a positive number of seconds")
+    if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
+                                    or concurrency < 0):
+        raise ProbeError(f"bad concurrency {concurrency!r}: expected a positive integer (0: the default)")
+    sources = check_targets(targets, source)
+    concurrency = min(concurrency or default_concurrency(), _fd_room())
     results = [None] * len(targets)
     pending = deque(enumerate(targets))
     inflight: dict[int, _Attempt] = {}
@@ -73,7 +161,7 @@ def probe_ports(targets, *, timeout=1.0, concurrency=None, source=None):
             while pending and len(inflight) < concurrency:
                 index, target = pending.popleft()
                 attempt = _Attempt(index, tuple(target[:3]))
-                done = _start(attempt, target[3] if len(target) > 3 and target[3] else source)
+                done = _start(attempt, sources[index])
                 if done is not None:
                     results[index] = done
                     continue
@@ -107,8 +195,8 @@ def probe_ports(targets, *, timeout=1.0, concurrency=None, source=None):
         for attempt in list(inflight.values()):
             _close(poller, inflight, attempt)
         poller.close()
-    for target, result in zip(targets, results):
-        result["source"] = target[3] if len(target) > 3 and target[3] else source
+    for chosen, result in zip(sources, results):
+        result["source"] = chosen
     return results
 
 
@@ -125,11 +213,11 @@ def _start(attempt, source):
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
     else:
         sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
-    if source:
-        sock.bind((source, 0))
     attempt.sock = sock
     attempt.sent = time.monotonic()
     try:
+        if source:
+            sock.bind((source, 0))
         if proto == "tcp":
             error = sock.connect_ex((address, port))
             if error not in (0, errno.EINPROGRESS):

@@ -118,7 +118,7 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.portguard.hardening.plugins.module_utils.errors import PortguardError
-from ansible_collections.portguard.hardening.plugins.module_utils.probe import probe_ports
+from ansible_collections.portguard.hardening.plugins.module_utils.probe import ProbeError, probe_ports
 from ansible_collections.portguard.hardening.plugins.module_utils.validate import parse_ports
 
 
@@ -159,7 +159,11 @@ def main():
     except (ValueError, PortguardError) as exc:
         module.fail_json(msg=f"bad target: {exc}")
     started = time.monotonic()
-    results = probe_ports(targets, timeout=module.params["timeout"], concurrency=module.params["concurrency"] or None)
+    try:
+        results = probe_ports(targets, timeout=module.params["timeout"],
+                              concurrency=module.params["concurrency"] or None)
+    except ProbeError as exc:
+        module.fail_json(msg=f"cannot probe: {exc}")
     summary = {"open": 0, "closed": 0, "filtered": 0}
     for result in results:
         summary[result["state"]] += 1
