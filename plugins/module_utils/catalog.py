@@ -30,6 +30,7 @@ from ansible_collections.portguard.hardening.plugins.module_utils.policy import 
     address_in,
     address_text,
     disjoint_entries,
+    gc_paused,
     merge_ranges,
 )
 from ansible_collections.portguard.hardening.plugins.module_utils.validate import (
@@ -584,7 +585,8 @@ def compile_catalog(variables, groups, hostvars, *, today=None, controller_addre
     """
     if today is None:
         today = datetime.datetime.now(datetime.UTC).date()
-    compiler = _Compiler(variables, groups, hostvars, today, controller_addresses)
+    with gc_paused():
+        compiler = _Compiler(variables, groups, hostvars, today, controller_addresses)
     policy = Policy(hosts=dict(compiler.hosts), findings=compiler.findings, expired=compiler.expired)
     policy._builder = compiler
     return policy
