@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ansible_collections.portguard.hardening.plugins.module_utils import errors
 from ansible_collections.portguard.hardening.plugins.module_utils.catalog import catalog_vars, compile_catalog
@@ -174,3 +176,44 @@ def test_filter_reads_the_implicit_localhost_of_an_inventory_without_hosts():
     report = lint({"localhost": catalog}, {"all": [], "ungrouped": []}, today="2026-11-26")
     assert [(f["code"], f["path"]) for f in report["findings"]] == [
         ("unknown-name", "portguard_flows[0].to"), ("unknown-name", "portguard_flows[1].from")]
+
+
+# Junk a user could type where a catalog value belongs (and a few values that are fine).
+JUNK = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.floats(allow_nan=False, width=16),
+                 st.sampled_from(["", "office", "admin_vpn", "webservers", "web1", "any", "all", "ssh", "https",
+                                  "10.0.0.0/8", "10.0.0.1/8", "2001:db8::/32", "fe80::1%eth0", "db.example.com",
+                                  "tcp", "udp", "icmp", "22", "90-80", "2026-11-30", "a\"b", "x\ny"]),
+                 st.lists(st.sampled_from(["office", "nowhere", "ssh", "10.1.0.0/16", "webservers"]), max_size=3),
+                 st.dictionaries(st.sampled_from(["port", "from", "to", "services", "x"]), st.just("ssh"), max_size=2))
+KEYS = [("portguard_networks", "office"), ("portguard_networks", "admin_vpn"), ("portguard_services", "https"),
+        ("portguard_flows", 0), ("portguard_flows", 1), ("portguard_management", "from"),
+        ("portguard_management", "services")]
+FIELDS = {"portguard_services": ["port", "proto", "purpose", "owner"],
+          "portguard_flows": ["from", "to", "services", "expires", "name"]}
+LINT_ONLY_ERRORS = {"management-missing", "management-without-source"}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(KEYS), st.sampled_from(["port", "proto", "from", "to", "services",
+                                                                   "expires", "name", "purpose", "whole"]), JUNK),
+                min_size=1, max_size=4))
+def test_lint_reports_exactly_the_compilers_refusal_and_never_raises(mutations):
+    catalog, groups, hostvars = build({}, CASES["base"])
+    for (section, key), field, value in mutations:
+        container = catalog[section]
+        if field == "whole" or section in ("portguard_networks", "portguard_management"):
+            container[key] = value
+        elif isinstance(container[key], dict):
+            container[key][field if field in FIELDS[section] else FIELDS[section][0]] = value
+    try:
+        compile_catalog(catalog, groups, hostvars, today=TODAY)
+    except errors.CatalogError as exc:
+        refused = Finding("error", error_code(exc), exc.path, exc.message)
+    else:
+        refused = None
+    findings = lint_catalog(catalog, groups, hostvars, today=TODAY)
+    lint_errors = [f for f in findings if f.level == "error" and f.code not in LINT_ONLY_ERRORS]
+    if refused is None:
+        assert lint_errors == []
+    else:
+        assert refused in lint_errors
