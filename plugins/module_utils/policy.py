@@ -203,10 +203,13 @@ def address_text(family: int, value: int) -> str:
     return _v6_text(value)
 
 
+_NTOA = socket.inet_ntoa
+
+
 def interval_text(family: int, low: int, high: int) -> str:
     """An address range as nft writes it: an address, a CIDR or ``a-b``."""
-    if low == high:
-        return address_text(family, low)
+    if low == high:  # most entries: one address, written here without further calls
+        return _NTOA(low.to_bytes(4, "big")) if family == 4 else _v6_text(low)
     size = high - low + 1
     if size & (size - 1) == 0 and low % size == 0:
         bits = 32 if family == 4 else 128

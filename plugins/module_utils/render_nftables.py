@@ -20,7 +20,7 @@ Rules are written in the form ``nft list`` prints them, so that a live table
 can be compared with the rendered one line by line (drift detection).
 """
 
-from ansible_collections.portguard.hardening.plugins.module_utils.policy import HostPolicy
+from ansible_collections.portguard.hardening.plugins.module_utils.policy import HostPolicy, interval_text
 from ansible_collections.portguard.hardening.plugins.module_utils.validate import truncate_utf8
 
 TABLE = "portguard"
@@ -54,7 +54,8 @@ def _elements(entries) -> list[str]:
     append = elements.append
     for entry in entries:
         fields = entry.__dict__
-        address = fields.get("_address_text") or entry.address_text()
+        # Not stored on the entry: the set text is kept instead (_SETS_CACHE).
+        address = fields.get("_address_text") or interval_text(fields["family"], fields["addr_lo"], fields["addr_hi"])
         labels = fields["labels"]
         comment = comments.get(id(labels))
         if comment is None:
