@@ -140,7 +140,7 @@ def read_counters() -> dict:
 # The kernel log ----------------------------------------------------------------------------
 
 
-def parse_log_message(message: str, prefix: str) -> dict | None:
+def parse_log_message(message: str, prefix: str):
     """One ``LOG``/``log`` line of a denied packet, or None when it is not ours.
 
     The kernel writes ``<prefix>IN=eth0 OUT= MAC=... SRC=... DST=... ... PROTO=TCP SPT=.. DPT=..``
@@ -303,7 +303,7 @@ def read_log(prefix: str, addresses=(), since=None, kmsg: str = KMSG, not_before
             "groups": [], "lost": False}
 
 
-def last_replaced() -> dict | None:
+def last_replaced():
     """When our table or chains were last replaced (which resets their counters): apply or revert."""
     found = []
     for name, what in (("applied.json", "applied"), ("reverted.json", "reverted")):

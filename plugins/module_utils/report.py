@@ -30,7 +30,7 @@ SKIP_GROUPS = ("all", "ungrouped")
 STATE_VERSION = 1
 
 
-def iso(stamp) -> str | None:
+def iso(stamp):
     if stamp is None:
         return None
     return datetime.datetime.fromtimestamp(float(stamp), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -134,7 +134,7 @@ def _delta(current, previous, reset):
     return current - previous
 
 
-def host_report(host: str, host_policy, activity: dict, previous: dict | None, namer: SourceNamer, *,
+def host_report(host: str, host_policy, activity: dict, previous, namer: SourceNamer, *,
                 threshold: int) -> tuple[dict, dict]:
     """The report of one host and the state the next report starts from."""
     counters = activity.get("counters") or {}

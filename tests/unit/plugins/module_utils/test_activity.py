@@ -42,8 +42,6 @@ def test_parse_outbound_and_other_prefix():
     assert activity.parse_log_message("portguard-deny: IN=eth0 SRC=bogus DST=1.2.3.4 PROTO=TCP", PREFIX) is None
 
 
-
-
 def test_read_kmsg_groups_filters_and_cursor(monkeypatch, tmp_path):
     recs = [r + "\n" for r in records()]
     recs.append("6,1770,3170000000,-;portguard-deny: IN=eth0 OUT= SRC=172.30.111.9 DST=10.9.9.9 PROTO=TCP SPT=1 DPT=22\n")
@@ -114,9 +112,14 @@ def test_last_replaced(tmp_path, monkeypatch):
 def test_first_read_skips_lines_before_the_last_apply(monkeypatch):
     recs = [r + "\n" for r in records()[:2]]
     queue = []
+
+    def fake_read(fd, size):
+        if not queue:
+            raise BlockingIOError
+        return queue.pop(0).encode()
+
     monkeypatch.setattr(activity.os, "open", lambda path, flags: queue.extend(recs) or 99)
-    monkeypatch.setattr(activity.os, "read", lambda fd, size: queue.pop(0).encode() if queue else (_ for _ in ()).throw(
-        BlockingIOError()))
+    monkeypatch.setattr(activity.os, "read", fake_read)
     monkeypatch.setattr(activity.os, "close", lambda fd: None)
     monkeypatch.setattr(activity, "_boot_id", lambda: "b")
     monkeypatch.setattr(activity.time, "clock_gettime", lambda clock: 3160.3)

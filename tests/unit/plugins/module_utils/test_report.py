@@ -98,25 +98,25 @@ def test_first_report_then_new_since_last(policy):
 def test_reset_by_an_apply_is_reported_and_hits_accumulate(policy):
     namer = rep.SourceNamer(policy)
     db1 = policy.host("db1")
-    _, state = rep.host_report("db1", db1, activity(3, 0, 5, []), None, namer, threshold=20)
-    after, _ = rep.host_report("db1", db1, activity(1, 0, 2, [], now=3000.0, replaced=2500.0), state, namer,
-                               threshold=20)
+    state = rep.host_report("db1", db1, activity(3, 0, 5, []), None, namer, threshold=20)[1]
+    after = rep.host_report("db1", db1, activity(1, 0, 2, [], now=3000.0, replaced=2500.0), state, namer,
+                            threshold=20)[0]
     assert after["reset"]["when"] == rep.iso(2500.0) and after["reset"]["event"] == "applied"
     assert after["deny_counters"]["denied_in"] == {"total": 2, "new": 2}
     flows = {f["label"]: f for f in after["flows"]}
     assert flows["app-db/postgres"]["hits"] == 4  # 3 before the reset + 1 after
     # a counter that went down without a recorded apply (a reboot, a manual nft -f) is a reset too
-    unknown, _ = rep.host_report("db1", db1, activity(1, 0, 2, [], now=3000.0, replaced=900.0), state, namer,
-                                 threshold=20)
+    unknown = rep.host_report("db1", db1, activity(1, 0, 2, [], now=3000.0, replaced=900.0), state, namer,
+                              threshold=20)[0]
     assert unknown["reset"]["event"] == "unknown"
 
 
 def test_counters_only_and_missing_log_lines(policy):
     namer = rep.SourceNamer(policy)
     db1 = policy.host("db1")
-    only, _ = rep.host_report("db1", db1, activity(0, 0, 4, [], readable=False), None, namer, threshold=20)
+    only = rep.host_report("db1", db1, activity(0, 0, 4, [], readable=False), None, namer, threshold=20)[0]
     assert only["log_note"].startswith("counters only: no /dev/kmsg") and only["denied"] == []
-    silent, _ = rep.host_report("db1", db1, activity(0, 0, 4, [], logged=4), None, namer, threshold=20)
+    silent = rep.host_report("db1", db1, activity(0, 0, 4, [], logged=4), None, namer, threshold=20)[0]
     assert "nf_log_all_netns" in silent["log_note"]
 
 
@@ -141,3 +141,18 @@ def test_summary_recertification_and_renderings(policy):
     assert once.index(rep.MARK_START) < once.index("</body>") and "<h1>matrix</h1>" in once
     twice = rep.extend_page(once, summary)
     assert twice == once  # a second report replaces its section
+
+
+def test_iptables_rules_are_attributed_by_their_comment(policy):
+    counters = {"backend": "iptables", "denied_in": 2, "denied_out": None, "logged_in": 2, "logged_out": None,
+                "elements": [{"set": "PORTGUARD-IN/ipv4", "addresses": "-A PORTGUARD-IN -s 10.0.0.11/32",
+                              "ports": "-A PORTGUARD-IN -s 10.0.0.11/32 -p tcp -m multiport --dports 5432,6380",
+                              "comment": "app-cache/redis: Cache; app-db/postgres: Orders database", "packets": 5,
+                              "bytes": 300}]}
+    data = {"counters": counters, "now": 10.0, "boot_id": "b", "replaced": None,
+            "log": {"source": "none", "readable": False, "reason": "x", "groups": [], "cursor": None}}
+    report = rep.host_report("db1", policy.host("db1"), data, None, rep.SourceNamer(policy), threshold=20)[0]
+    flows = {f["label"]: f["hits"] for f in report["flows"]}
+    # one rule stands for both entries: both are used (hits cannot be split between them)
+    assert flows == {"app-cache/redis": 5, "app-db/postgres": 5}
+    assert report["allowed"][0]["family"] == "ipv4" and report["allowed"][0]["direction"] == "in"
