@@ -2,7 +2,7 @@
 """Per-packet cost: new-connection rate between two network namespaces over veth.
 
 Needs root, ``ip``, ``nft``, ``iptables-restore``/``ip6tables-restore`` (and
-``ipset`` for the ipset prototype); ``--iptables legacy`` uses the
+``ipset`` for our iptables backend); ``--iptables legacy`` uses the
 ``iptables-legacy*`` commands instead of those on PATH. Two throwaway namespaces are created per
 scenario (``pgbench-srv-*``, ``pgbench-cli-*``, veth between them,
 198.18.0.0/24 of the benchmarking range); a server in the server namespace
@@ -18,15 +18,17 @@ address order:
 - ``none``: no firewall;
 - ``nftables``: our rendered nftables ruleset (the client matched by one set
   element);
-- ``iptables``: our iptables backend, as rendered (``iptables-restore
-  --noflush`` of both families, jump from INPUT);
+- ``iptables``: our iptables backend as the firewall module applies it on a
+  host with ipset (its apply steps: the whitelist into ``hash:net,port``
+  sets, then ``iptables-restore --noflush`` of both families, jumps from
+  INPUT);
+- ``iptables-rules``: our iptables backend's fallback for hosts without
+  ipset (one rule per source, ports grouped with multiport), applied the
+  same way;
 - ``linear``: what a user would write by hand: one ``-s X -p tcp --dport
   8080 -j ACCEPT`` rule per entry in catalog order, then REJECT, no
   conntrack rule;
-- ``linear+est``: the same with an ``ESTABLISHED,RELATED`` rule first;
-- ``ipset``: a prototype of an ipset-based iptables design (NOT what the
-  renderer emits): established first, one ``hash:net,port`` set per family
-  and one ``-m set`` rule.
+- ``linear+est``: the same with an ``ESTABLISHED,RELATED`` rule first.
 
 Each round runs every scenario once, in a fresh pair of namespaces; the
 report gives the median rate over the rounds and its share of the
@@ -55,12 +57,13 @@ setup_path()
 import gen_catalog  # noqa: E402
 
 from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog  # noqa: E402
+from ansible_collections.portguard.hardening.plugins.module_utils.firewall_host import IptablesBackend  # noqa: E402
 from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import render_iptables  # noqa: E402
 from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import render_nftables  # noqa: E402
 
 SERVER, CLIENT, STRANGER = "198.18.0.1", "198.18.0.2", "198.18.0.99"
 PORT = 8080
-SCENARIOS = ("none", "nftables", "iptables", "linear", "linear+est", "ipset")
+SCENARIOS = ("none", "nftables", "iptables", "iptables-rules", "linear", "linear+est")
 
 SERVER_CODE = """
 import socket, sys
@@ -163,27 +166,6 @@ def linear_payload(sources: list[str], family: int, established_first: bool) -> 
     return "\n".join(lines) + "\n"
 
 
-def ipset_payloads(policy) -> tuple[str, str, str]:
-    """A sketch of the proposed ipset design: one hash:net,port set per family, one rule."""
-    restore = []
-    for family, name in ((4, "pg-in4"), (6, "pg-in6")):
-        restore.append(f"create {name} hash:net,port family {'inet' if family == 4 else 'inet6'} "
-                       f"maxelem {max(65536, 2 * len(policy.ingress))}")
-        for entry in policy.ingress:
-            if entry.family == family:
-                for cidr in entry.cidrs():
-                    restore.append(f"add {name} {cidr},{entry.proto}:{entry.port_text('-')}")
-    rules = {}
-    for family, name in ((4, "pg-in4"), (6, "pg-in6")):
-        reject = "icmp-admin-prohibited" if family == 4 else "icmp6-adm-prohibited"
-        rules[family] = "\n".join([
-            "*filter", ":INPUT ACCEPT [0:0]", "-A INPUT -i lo -j ACCEPT",
-            "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-            f"-A INPUT -m set --match-set {name} src,dst -j ACCEPT",
-            f"-A INPUT -p tcp -j REJECT --reject-with {reject}", "COMMIT"]) + "\n"
-    return "\n".join(restore) + "\n", rules[4], rules[6]
-
-
 IPTABLES = {"iptables": "iptables", "ip6tables": "ip6tables", "iptables-restore": "iptables-restore",
             "ip6tables-restore": "ip6tables-restore"}
 
@@ -202,26 +184,20 @@ def install(scenario: str, srv: str, policy, sources, workdir: Path) -> str:
         path.write_text(render_nftables(policy))
         sh(*run, "nft", "-f", str(path))
         return "rendered nftables ruleset"
-    if scenario == "iptables":
-        ruleset = render_iptables(policy)
-        sh(*run, ipt("iptables-restore"), "--noflush", stdin=ruleset.ipv4)
-        sh(*run, ipt("ip6tables-restore"), "--noflush", stdin=ruleset.ipv6)
-        for builtin, chain in ruleset.jumps:
-            sh(*run, ipt("iptables"), "-I", builtin, "1", "-j", chain)
-            sh(*run, ipt("ip6tables"), "-I", builtin, "1", "-j", chain)
+    if scenario in ("iptables", "iptables-rules"):
+        with_sets = scenario == "iptables"
+        ruleset = render_iptables(policy, ipset=with_sets)
+        suffix = IPTABLES["iptables"].removeprefix("iptables")
+        for argv, data in IptablesBackend(suffix).apply_steps(ruleset.as_dict()):
+            sh(*run, *argv, stdin=data)
         rules = sum(1 for line in ruleset.ipv4.splitlines() if line.startswith("-A "))
-        return f"rendered iptables backend, {rules} IPv4 rules"
+        elements = sum(1 for line in ruleset.ipset.splitlines() if line.startswith("add "))
+        return f"our iptables backend, {rules} IPv4 rules" + (f", {elements} set elements" if with_sets else "")
     if scenario in ("linear", "linear+est"):
         established = scenario == "linear+est"
         sh(*run, ipt("iptables-restore"), stdin=linear_payload(sources, 4, established))
         sh(*run, ipt("ip6tables-restore"), stdin=linear_payload(sources, 6, established))
         return "one rule per entry" + (", established first" if established else "")
-    if scenario == "ipset":
-        restore, v4, v6 = ipset_payloads(policy)
-        sh(*run, "ipset", "restore", stdin=restore)
-        sh(*run, ipt("iptables-restore"), stdin=v4)
-        sh(*run, ipt("ip6tables-restore"), stdin=v6)
-        return "ipset prototype (not the renderer)"
     raise ValueError(scenario)
 
 
@@ -240,7 +216,7 @@ def main() -> None:
         for name in IPTABLES:
             base, _dash, rest = name.partition("-")
             IPTABLES[name] = f"{base}-{args.iptables}" + (f"-{rest}" if rest else "")
-    tools = ["ip", "nft", *IPTABLES.values()] + (["ipset"] if "ipset" in args.scenarios else [])
+    tools = ["ip", "nft", *IPTABLES.values()] + (["ipset"] if "iptables" in args.scenarios else [])
     missing = [tool for tool in tools if not shutil.which(tool)]
     if os.geteuid() != 0 or missing:
         sys.exit(f"bench_packets needs root and {', '.join(missing) or ', '.join(tools)}")
@@ -279,12 +255,12 @@ def main() -> None:
                     if baseline:
                         shares[scenario].append(rate / baseline)
                     lost = f" ({result['failed']} timed out: {result['error']})" if result["failed"] else ""
-                    print(f"  round {number + 1}: {scenario:<11} {rate:9.0f} connections/s{lost}", flush=True)
+                    print(f"  round {number + 1}: {scenario:<14} {rate:9.0f} connections/s{lost}", flush=True)
         print()
-        print(f"  {'scenario':<11} {'conn/s (median)':>16} {'% of none':>10}   ruleset")
+        print(f"  {'scenario':<14} {'conn/s (median)':>16} {'% of none':>10}   ruleset")
         for scenario in args.scenarios:
             share = f"{100 * statistics.median(shares[scenario]):9.1f}%" if shares[scenario] else "       n/a"
-            print(f"  {scenario:<11} {statistics.median(rates[scenario]):>16.0f} {share}   {notes[scenario]}")
+            print(f"  {scenario:<14} {statistics.median(rates[scenario]):>16.0f} {share}   {notes[scenario]}")
         print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         if args.json:
             args.json.write_text(json.dumps({"rates": rates, "shares": shares, "notes": notes, "failures": failures},
