@@ -193,10 +193,11 @@ FIELDS = {"portguard_services": ["port", "proto", "purpose", "owner"],
 LINT_ONLY_ERRORS = {"management-missing", "management-without-source"}
 
 
+MUTATED_FIELDS = ["port", "proto", "from", "to", "services", "expires", "name", "purpose", "whole"]
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.sampled_from(KEYS), st.sampled_from(["port", "proto", "from", "to", "services",
-                                                                   "expires", "name", "purpose", "whole"]), JUNK),
-                min_size=1, max_size=4))
+@given(st.lists(st.tuples(st.sampled_from(KEYS), st.sampled_from(MUTATED_FIELDS), JUNK), min_size=1, max_size=4))
 def test_lint_reports_exactly_the_compilers_refusal_and_never_raises(mutations):
     catalog, groups, hostvars = build({}, CASES["base"])
     for (section, key), field, value in mutations:
