@@ -7,7 +7,7 @@ so nothing the firewall does can cut it. The lockout and killed-controller tests
 its address, the path the firewall can cut, as on a real host.
 
 Every container starts with foreign firewall state (Docker-like iptables-nft chains and NAT, a
-fail2ban-like ``inet`` table, a kube-proxy-like ``ip`` table) that must come out of every run
+fail2ban-like and a firewalld-like ``inet`` table, a kube-proxy-like ``ip`` table) that must come out of every run
 byte-identical.
 
 Not tested here, and why:
@@ -54,7 +54,7 @@ BACKENDS = ("nftables", "iptables")
 ROLLBACK = 30
 REVERT = 8
 
-# Foreign firewall state: what Docker, fail2ban and kube-proxy would leave on a host. None of these
+# Foreign firewall state: what Docker, fail2ban, firewalld and kube-proxy would leave on a host. None of these
 # rules matches the tests' traffic, so even their counters must stay the same.
 FOREIGN_SETUP = r"""
 set -e
@@ -79,6 +79,12 @@ table inet f2b-table {
         tcp dport 22 ip saddr @addr-set-sshd reject with icmp port-unreachable
     }
 }
+table inet firewalld {
+    chain filter_INPUT {
+        type filter hook input priority filter + 10; policy accept;
+        ct state established,related accept
+    }
+}
 table ip kube-proxy {
     map service-ips { type ipv4_addr . inet_proto . inet_service : verdict; }
     chain services {
@@ -87,6 +93,14 @@ table ip kube-proxy {
 }
 EOF
 """
+
+
+# Logs every ipset call of the module (found first on PATH), then runs the real one.
+IPSET_SHIM = """#!/bin/sh
+echo "$*" >> /tmp/pgit-ipset.log
+exec /usr/sbin/ipset "$@"
+"""
+IPSET_READS = {"list", "save", "test", "version", "help", "-n", "-v"}
 
 
 def _require(ok, what):
@@ -157,6 +171,8 @@ class Lab:
         network = ["--network", NETWORK, "--ip", ip] if ip else ["--network", "none"]
         self.podman("run", "-d", "--name", name, "--hostname", name, *network, "--cap-add", "NET_ADMIN,NET_RAW", IMAGE)
         box = Box(self, name, ip)
+        box.pid = self.podman("inspect", "-f", "{{.State.Pid}}", name).stdout.strip()
+        box.sh("cat > /usr/local/sbin/ipset && chmod 755 /usr/local/sbin/ipset", input=IPSET_SHIM)
         if foreign:
             box.sh(FOREIGN_SETUP)
         box.foreign_before = foreign_tables(box)
@@ -219,8 +235,18 @@ class Box:
         self.foreign_before = {}
 
     def sh(self, script, input=None, check=True):
-        args = ["exec", "-i", self.name] if input is not None else ["exec", self.name]
-        proc = self.lab.podman(*args, "sh", "-c", script, input=input, check=False)
+        """Run ``script`` in the container's namespaces. The test's own look-ups use nsenter, not
+        ``podman exec``: the same view of the host, without seconds of podman overhead on a loaded
+        machine, which matters for the polls of the revert tests."""
+        proc = subprocess.run(
+            ["nsenter", "-t", self.pid, "-a", "sh", "-c", script],
+            input=input,
+            capture_output=True,
+            text=True,
+            env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
+            timeout=120,
+            check=False,
+        )
         if check and proc.returncode:
             raise AssertionError(
                 f"{self.name}: {script!r} failed ({proc.returncode}): {proc.stderr.strip()} {proc.stdout.strip()}"
@@ -242,7 +268,15 @@ class Box:
             proc = self.sh("nft -s list table inet portguard", check=False)
             return proc.stdout if proc.returncode == 0 else ""
         saved = self.sh("iptables-save -t filter; ip6tables-save -t filter")
-        return "\n".join(line for line in saved.splitlines() if "PORTGUARD" in line)
+        rules = [line for line in saved.splitlines() if "PORTGUARD" in line]
+        sets = self.sh("for s in $(ipset list -n | grep '^portguard-'); do ipset save $s; done")
+        # counters, and the hash parameters a fresh `create` picks at random, left out; elements sorted
+        sets = [re.sub(r" (packets|bytes|hashsize|bucketsize|initval) \S+", "", line) for line in sets.splitlines()]
+        return "\n".join(
+            rules
+            + sorted(line for line in sets if line.startswith("create"))
+            + sorted(line for line in sets if line.startswith("add"))
+        )
 
     def state_files(self):
         return {name: self.exists(f"/run/portguard/{name}") for name in ("pending.json", "reverted.json")}
@@ -278,12 +312,15 @@ def strip_ours(text):
 
 @contextlib.contextmanager
 def kernel_writes(box):
-    """Collect the nf_tables events (``nft monitor``) on ``box`` during the block.
+    """Collect the kernel writes on ``box`` during the block: nf_tables events and ipset writes.
 
-    iptables-nft writes through nf_tables too, so this sees both backends. A marker table
-    added and deleted before and after the block proves the monitor was listening.
+    ``nft monitor`` sees nft and iptables-nft. ipsets are not nf_tables objects and have no event
+    stream: the containers' ``ipset`` is a shim (IPSET_SHIM) that logs each call, and every call
+    but a read (list, save, test, version) counts as a write. A marker table added and deleted
+    before and after the block proves the monitor was listening.
     """
     events = []
+    ipset_calls = len(box.sh("cat /tmp/pgit-ipset.log 2>/dev/null || true").splitlines())
     tag = uuid.uuid4().hex[:8]
     log = f"/tmp/pgit-monitor-{tag}"
     box.lab.podman("exec", "-d", box.name, "sh", "-c", f"echo $$ > {log}.pid; exec nft monitor > {log} 2>&1")
@@ -310,6 +347,8 @@ def kernel_writes(box):
         start = lines.index(f"delete table inet pgit_mark_{tag}_start")
         end = lines.index(f"add table inet pgit_mark_{tag}_end")
         events += [line for line in lines[start + 1 : end] if line.strip() and not line.startswith("#")]
+        calls = box.sh("cat /tmp/pgit-ipset.log 2>/dev/null || true").splitlines()[ipset_calls:]
+        events += [f"ipset {call}" for call in calls if call.split(" ")[0] not in IPSET_READS]
 
 
 # ------------------------------------------------------------------ fixtures
@@ -317,6 +356,7 @@ def kernel_writes(box):
 def lab(tmp_path_factory):
     _require(os.geteuid() == 0, "root (containers with NET_ADMIN)")
     _require(shutil.which("podman"), "podman")
+    _require(shutil.which("nsenter"), "nsenter (util-linux)")
     _require((Path(sys.executable).parent / "ansible-playbook").exists(), "ansible-playbook next to the interpreter")
     instance = Lab(tmp_path_factory.mktemp("lab"))
     _require(
@@ -377,8 +417,9 @@ def converge(lab, box):
 RULE_LINES = {
     "nftables": ["ip saddr . udp dport @in4_udp accept", "element 198.51.100.0/24 . 443"],
     "iptables": [
-        "ipv4 -A PORTGUARD-IN -s 198.51.100.0/24 -p udp -m udp --dport 53",
-        "ipv6 -A PORTGUARD-IN -s 2001:db8:51::/64 -p udp -m udp --dport 53",
+        "ipv4 -A PORTGUARD-IN -m set --match-set portguard-in4 src,dst -j ACCEPT",
+        "ipset add portguard-in4 198.51.100.0/24,udp:53",
+        "ipset add portguard-in6 2001:db8:51::/64,udp:53",
     ],
 }
 
@@ -443,11 +484,12 @@ def test_drift_is_reported_in_check_mode_and_repaired(lab, core):
         core.sh("nft add element inet portguard in4_tcp '{ 203.0.113.0/24 . 22 }'")
         removed, added = "ip saddr . udp dport @in4_udp accept", "203.0.113.0/24 . 22"
     else:
-        rules = core.sh("iptables -S PORTGUARD-IN").splitlines()  # line 0 is "-N PORTGUARD-IN"
-        number = next(i for i, line in enumerate(rules) if "-p udp" in line)
-        core.sh(f"iptables -D PORTGUARD-IN {number}")
+        core.sh("ipset del portguard-in4 198.51.100.0/24,udp:53")
+        core.sh("ipset add portguard-in4 203.0.113.0/24,tcp:22")
         core.sh("iptables -I PORTGUARD-IN 1 -s 203.0.113.0/24 -p tcp --dport 22 -j ACCEPT")
-        removed, added = RULE_LINES["iptables"][0], "203.0.113.0/24"
+        core.sh("ip6tables -D INPUT -j PORTGUARD-IN")  # IPv6 left unfiltered, e.g. by a script flushing INPUT
+        removed, added = RULE_LINES["iptables"][1], "203.0.113.0/24"
+        assert core.sh("ip6tables -C INPUT -j PORTGUARD-IN", check=False).returncode != 0
     drifted = core.ours(core.backend)
     assert drifted != good
 
@@ -455,6 +497,9 @@ def test_drift_is_reported_in_check_mode_and_repaired(lab, core):
     assert check["changed"] is True
     assert removed in check["diff"]["after"] and removed not in check["diff"]["before"]
     assert added in check["diff"]["before"] and added not in check["diff"]["after"]
+    if core.backend == "iptables":
+        jump = "ipv6 -A INPUT -j PORTGUARD-IN"
+        assert jump in check["diff"]["after"] and jump not in check["diff"]["before"]
     assert core.ours(core.backend) == drifted, "check mode repaired the drift"
 
     repair = lab.playbook(core.inventory).ok(core.name)
@@ -567,6 +612,9 @@ def test_boot_loader_loads_persisted_ruleset_or_falls_back(lab, core, tmp_path):
     assert "fallback" not in stderr
     loaded, stderr = boot(corrupt=True)
     assert "loading the management-only fallback" in stderr
+    if core.backend == "iptables":  # the fallback has no sets, and leaves none of the failed load behind
+        assert "--match-set" not in loaded
+        assert not [line for line in loaded.splitlines() if line.startswith(("create ", "add "))], loaded
     assert "198.51.100.0/24" not in loaded and "2001:db8:51::/64" not in loaded  # no flow survives
     if core.backend == "nftables":
         elements = re.search(r"set in4_tcp \{.*?elements = \{(.*?)\}", loaded, re.S).group(1)
@@ -837,7 +885,7 @@ def test_concurrent_runs_are_serialized(lab, ssh_host, tmp_path):
     box = ssh_host
     converge(lab, box)
     podman_inventory = write_inventory(tmp_path / "podman" / "hosts.yml", podman_host(lab, box, "nftables"))
-    pid = lab.podman("inspect", "-f", "{{.State.Pid}}", box.name).stdout.strip()
+    pid = box.pid
     pidns = os.readlink(f"/proc/{pid}/ns/pid")
 
     def nft_in_host(script):
