@@ -441,7 +441,7 @@ class _Compiler:
                 by_target.setdefault(host, []).append(index)
         port_sets = [frozenset(p for s in f.services for p in s.ports) for f in self.flows]
         for index, flow in enumerate(self.flows):
-            if not flow.targets:
+            if not flow.targets or not any(flow.sources[f] for f in FAMILIES):
                 continue
             first = min(flow.targets)
             for other_index in by_target.get(first, ()):
