@@ -12,9 +12,12 @@ most ``burst + ceil(rate x minutes)`` (plus one for a refill at the boundary).
 """
 
 import contextlib
+import fcntl
 import math
+import os
 import secrets
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,12 +92,19 @@ def namespaces():
 
 @contextlib.contextmanager
 def namespaces_log():
-    before = NF_LOG_ALL_NETNS.read_text().strip()
-    NF_LOG_ALL_NETNS.write_text("1\n")
-    try:
-        yield
-    finally:
-        NF_LOG_ALL_NETNS.write_text(before + "\n")
+    """The machine logs the log rules of every network namespace while the block runs; restored after.
+
+    The sysctl belongs to the machine: the tests that set it serialize on one lock file, so that one's
+    restore never cuts another's log.
+    """
+    with open(os.path.join(tempfile.gettempdir(), "portguard-nf-log-all-netns.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        before = NF_LOG_ALL_NETNS.read_text().strip()
+        NF_LOG_ALL_NETNS.write_text("1\n")
+        try:
+            yield
+        finally:
+            NF_LOG_ALL_NETNS.write_text(before + "\n")
 
 
 def load(backend, ns, policy):

@@ -22,6 +22,7 @@ one is missing, fails under CI=true.
 """
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -190,13 +191,19 @@ def shlex_quote(text):
 
 @contextlib.contextmanager
 def namespaces_log():
-    """The machine logs nft/iptables log rules of every network namespace while the block runs."""
-    before = NF_LOG_ALL_NETNS.read_text().strip()
-    NF_LOG_ALL_NETNS.write_text("1\n")
-    try:
-        yield
-    finally:
-        NF_LOG_ALL_NETNS.write_text(before + "\n")
+    """The machine logs the log rules of every network namespace while the block runs; restored after.
+
+    The sysctl belongs to the machine: the tests that set it serialize on one lock file, so that one's
+    restore never cuts another's log.
+    """
+    with open(os.path.join(tempfile.gettempdir(), "portguard-nf-log-all-netns.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        before = NF_LOG_ALL_NETNS.read_text().strip()
+        NF_LOG_ALL_NETNS.write_text("1\n")
+        try:
+            yield
+        finally:
+            NF_LOG_ALL_NETNS.write_text(before + "\n")
 
 
 @pytest.fixture(scope="module")
