@@ -35,8 +35,15 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 # Linux socket options the socket module does not name (linux/in.h, linux/in6.h).
 IP_RECVERR = 11
 IPV6_RECVERR = 25
+IP_BIND_ADDRESS_NO_PORT = 24
+SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0o4000)
 # File descriptors left to the rest of the process (Ansible's module glue, stdio) when sizing a run.
 FD_RESERVE = 64
+# Default concurrency: attempts in flight per CPU, and at most. See default_concurrency().
+PER_CPU = 8192
+MAX_CONCURRENCY = 16384
+# Attempts started between two looks at the answers.
+START_BATCH = 512
 
 
 class ProbeError(PortguardError):
@@ -50,21 +57,32 @@ class ProbeError(PortguardError):
         self.errno = error
 
 
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_concurrency() -> int:
-    """In-flight attempts: enough to sweep every port under drop, no more than the CPU and fd limit serve."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(16, min(2048 * cpus, soft - 64, 8192))
+    """In-flight attempts: enough to sweep every port under drop, no more than the CPU and fd limit serve.
+
+    PER_CPU attempts per CPU, at most MAX_CONCURRENCY, and no more sockets than
+    the hard open-file limit lets the process open (the run raises its soft
+    limit that far when it needs to).
+    """
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = MAX_CONCURRENCY if hard == resource.RLIM_INFINITY else hard - FD_RESERVE
+    return max(16, min(PER_CPU * _cpus(), MAX_CONCURRENCY, room))
 
 
 class _Attempt:
-    __slots__ = ("index", "target", "sock", "sent")
+    __slots__ = ("index", "target", "tcp", "sock", "sent", "connected")
 
     def __init__(self, index, target):
         self.index = index
         self.target = target
+        self.tcp = target[2] == "tcp"
         self.sock = None
         self.sent = 0.0
+        self.connected = False
 
 
 def _result(target, state, reason, rtt=None):
@@ -81,9 +99,9 @@ def _family_of(address, cache):
 
 
 def check_targets(targets, source=None):
-    """Refuse a malformed target (naming its index), before anything is sent; returns each one's source."""
+    """Refuse a malformed target (naming its index) before anything is sent; ``(family, source)`` per target."""
     cache = {}
-    sources = []
+    plan = []
     for index, target in enumerate(targets):
         where = f"targets[{index}]"
         if not isinstance(target, (tuple, list)) or len(target) not in (3, 4):
@@ -109,32 +127,52 @@ def check_targets(targets, source=None):
                 raise ProbeError(f"{where}: bad source {chosen!r}: expected an IPv4 or IPv6 address")
             if source_family != family:
                 raise ProbeError(f"{where}: source {chosen} and address {address} are not of the same family")
-        sources.append(chosen or None)
+        plan.append((socket.AF_INET6 if family == 6 else socket.AF_INET, chosen or None))
     # A source that is not an address of this host fails at bind(): find out now, not halfway through.
     seen = set()
-    for index, chosen in enumerate(sources):
+    for index, (family, chosen) in enumerate(plan):
         if chosen and chosen not in seen:
             seen.add(chosen)
-            kind = socket.AF_INET6 if cache[chosen] == 6 else socket.AF_INET
-            with socket.socket(kind, socket.SOCK_DGRAM) as sock:
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
                 try:
                     sock.bind((chosen, 0))
                 except OSError as exc:
                     raise ProbeError(f"targets[{index}]: source {chosen} cannot be used here: {exc.strerror}",
                                      exc.errno) from exc
-    return sources
+    return plan
 
 
-def _fd_room():
-    """How many more sockets this process may open (soft limit less the descriptors in use and a reserve)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 1 << 20
-    try:
-        in_use = len(os.listdir("/proc/self/fd"))
-    except OSError:
-        in_use = 0
-    return max(1, soft - in_use - FD_RESERVE)
+class _FileLimit:
+    """Room for ``wanted`` more sockets: the soft open-file limit raised (up to the hard one) for the run."""
+
+    def __init__(self, wanted):
+        self.wanted = wanted
+        self.saved = None
+        self.room = 1
+
+    def __enter__(self):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            in_use = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            in_use = FD_RESERVE
+        needed = self.wanted + in_use + FD_RESERVE
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+                self.saved, soft = (soft, hard), raised
+            except (ValueError, OSError):
+                pass  # keep the limit we have; the run is clamped to it
+        self.room = self.wanted if soft == resource.RLIM_INFINITY else max(1, soft - in_use - FD_RESERVE)
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, self.saved)
+            except (ValueError, OSError):
+                pass
 
 
 def probe_ports(targets, *, timeout=1.0, concurrency=None, source=None):
@@ -149,87 +187,128 @@ def probe_ports(targets, *, timeout=1.0, concurrency=None, source=None):
     if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
                                     or concurrency < 0):
         raise ProbeError(f"bad concurrency {concurrency!r}: expected a positive integer (0: the default)")
-    sources = check_targets(targets, source)
-    concurrency = min(concurrency or default_concurrency(), _fd_room())
-    results = [None] * len(targets)
-    pending = deque(enumerate(targets))
+    plan = check_targets(targets, source)
+    with _FileLimit(concurrency or default_concurrency()) as limit:
+        results = _run(targets, plan, timeout, min(limit.wanted, limit.room))
+    for (_, chosen), result in zip(plan, results):
+        result["source"] = chosen
+    return results
+
+
+def _run(targets, plan, timeout, concurrency):
+    count = len(targets)
+    results = [None] * count
+    following = 0
     inflight: dict[int, _Attempt] = {}
-    by_age: deque[_Attempt] = deque()  # started in order, so the oldest is always first
+    by_age: deque[_Attempt] = deque()  # started in order, same timeout: the oldest deadline is always first
     poller = select.epoll()
+    tcp_events, udp_events = select.EPOLLOUT, select.EPOLLIN
+    error_events = select.EPOLLERR | select.EPOLLHUP
     try:
-        while pending or inflight:
-            while pending and len(inflight) < concurrency:
-                index, target = pending.popleft()
-                attempt = _Attempt(index, tuple(target[:3]))
-                done = _start(attempt, sources[index])
+        while following < count or inflight:
+            # Start in batches, so that answers are read while a large wave is still being sent.
+            batch = START_BATCH
+            while following < count and len(inflight) < concurrency and batch:
+                batch -= 1
+                family, chosen = plan[following]
+                attempt = _Attempt(following, tuple(targets[following][:3]))
+                try:
+                    done = _start(attempt, family, chosen)
+                except _OutOfSockets:
+                    if not inflight:
+                        raise ProbeError(f"targets[{following}]: no socket can be opened (open-file limit)") from None
+                    concurrency = len(inflight)  # the process limit is lower than we thought: stay under it
+                    break
+                following += 1
                 if done is not None:
-                    results[index] = done
+                    results[attempt.index] = done
                     continue
-                inflight[attempt.sock.fileno()] = attempt
+                fd = attempt.sock.fileno()
+                inflight[fd] = attempt
                 by_age.append(attempt)
-                events = select.EPOLLOUT if target[2] == "tcp" else select.EPOLLIN | select.EPOLLERR
-                poller.register(attempt.sock.fileno(), events)
+                poller.register(fd, tcp_events if attempt.tcp else udp_events)
             while by_age and by_age[0].sock is None:
                 by_age.popleft()
-            if pending and len(inflight) < concurrency:
+            if following < count and len(inflight) < concurrency:
                 wait = 0
             elif by_age:
-                wait = max(0.0, min(by_age[0].sent + timeout - time.monotonic(), 0.05))
+                wait = max(0.0, by_age[0].sent + timeout - time.monotonic())
             else:
                 wait = 0
-            for fd, _ in poller.poll(wait):
+            for fd, events in poller.poll(wait):
                 attempt = inflight.get(fd)
                 if attempt is None:
                     continue
-                outcome = _finish(attempt, final=False)
+                if attempt.tcp and not events & error_events:
+                    # Writable and no error: the handshake completed (a connecting socket is never writable).
+                    attempt.connected = True
+                    outcome = _result(attempt.target, OPEN, "handshake", time.monotonic() - attempt.sent)
+                else:
+                    outcome = _finish(attempt, final=False)
                 if outcome is not None:
                     results[attempt.index] = outcome
-                    _close(poller, inflight, attempt)
+                    _close(inflight, attempt)
+            # Past its deadline, a probe's socket is asked once more: an answer that came in while the
+            # loop lagged still counts; only a socket with nothing to say is a timeout.
             now = time.monotonic()
             while by_age and (by_age[0].sock is None or now - by_age[0].sent >= timeout):
                 attempt = by_age.popleft()
                 if attempt.sock is not None:
                     results[attempt.index] = _finish(attempt, final=True)
-                    _close(poller, inflight, attempt)
+                    _close(inflight, attempt)
     finally:
         for attempt in list(inflight.values()):
-            _close(poller, inflight, attempt)
+            _close(inflight, attempt)
         poller.close()
-    for chosen, result in zip(sources, results):
-        result["source"] = chosen
     return results
 
 
-def _start(attempt, source):
-    address, port, proto = attempt.target
-    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
-    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-    sock = socket.socket(family, kind)
-    sock.setblocking(False)
-    if proto == "tcp":
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-    # ICMP errors become hard errors at once, even one that arrives during the connect() call itself.
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
-    else:
-        sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
-    attempt.sock = sock
-    attempt.sent = time.monotonic()
+class _OutOfSockets(Exception):
+    """socket() failed for want of file descriptors or memory: wait for sockets in flight to close."""
+
+
+_OUT_OF_SOCKETS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+def _start(attempt, family, source):
+    """Send the attempt's first packet; returns a result when it is known at once, else None (in flight)."""
+    address, port, _ = attempt.target
     try:
-        if source:
-            sock.bind((source, 0))
-        if proto == "tcp":
-            error = sock.connect_ex((address, port))
-            if error not in (0, errno.EINPROGRESS):
-                sock.close()
-                return _classify_error(attempt.target, error, attempt.sent)
+        sock = socket.socket(family, (socket.SOCK_STREAM if attempt.tcp else socket.SOCK_DGRAM) | SOCK_NONBLOCK)
+    except OSError as exc:
+        if exc.errno in _OUT_OF_SOCKETS:
+            raise _OutOfSockets() from exc
+        raise ProbeError(f"targets[{attempt.index}]: cannot open a socket: {exc.strerror}", exc.errno) from exc
+    attempt.sock = sock
+    try:
+        # ICMP errors become hard errors at once, even one that arrives during the connect() call itself.
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
         else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        if source:
+            if attempt.tcp:
+                # The source port is picked at connect(), per destination: thousands of probes from one
+                # source address would otherwise run out of ports at bind().
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source, 0))
+        attempt.sent = time.monotonic()
+        if not attempt.tcp:
             sock.connect((address, port))
             sock.send(PAYLOAD)
+            return None
+        error = sock.connect_ex((address, port))
+        if error == errno.EINPROGRESS:
+            return None
+        if error == 0:
+            attempt.connected = True
+            result = _result(attempt.target, OPEN, "handshake", time.monotonic() - attempt.sent)
+        else:
+            result = _classify_error(attempt.target, error, attempt.sent)
     except OSError as exc:
-        sock.close()
-        return _classify_error(attempt.target, exc.errno, attempt.sent)
-    return None
+        result = _classify_error(attempt.target, exc.errno, attempt.sent or time.monotonic())
+    _close(None, attempt)
+    return result
 
 
 def _classify_error(target, error, sent):
@@ -247,9 +326,10 @@ def _finish(attempt, final):
     error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if error:
         return _classify_error(target, error, attempt.sent)
-    if target[2] == "tcp":
+    if attempt.tcp:
         try:
             sock.getpeername()
+            attempt.connected = True
             return _result(target, OPEN, "handshake", time.monotonic() - attempt.sent)
         except OSError:
             pass
@@ -267,12 +347,18 @@ def _finish(attempt, final):
     return None
 
 
-def _close(poller, inflight, attempt):
-    fd = attempt.sock.fileno()
-    inflight.pop(fd, None)
-    try:
-        poller.unregister(fd)
-    except (OSError, ValueError):
-        pass
-    attempt.sock.close()
+def _close(inflight, attempt):
+    """Close the attempt's socket (closing also takes it out of the epoll set)."""
+    sock = attempt.sock
+    if sock is None:
+        return
+    if inflight is not None:
+        inflight.pop(sock.fileno(), None)
+    if attempt.connected:
+        # Reset, not FIN: no TIME_WAIT on the prober, no half-closed connection left to the service.
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        except OSError:
+            pass
+    sock.close()
     attempt.sock = None

@@ -10,9 +10,12 @@ wrong.
 
 import contextlib
 import errno
+import json
 import os
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -250,57 +253,48 @@ def test_no_source_lets_the_routing_table_choose(servers):
 # Concurrency ----------------------------------------------------------------------
 
 
-class _CountingEpoll:
-    """select.epoll that records how many sockets are registered at most at once."""
-
-    peak = 0
-
-    def __init__(self):
-        self._real = select.epoll()
-        self._registered = set()
-
-    def register(self, fd, events):
-        self._real.register(fd, events)
-        self._registered.add(fd)
-        type(self).peak = max(type(self).peak, len(self._registered))
-
-    def unregister(self, fd):
-        self._registered.discard(fd)
-        self._real.unregister(fd)
-
-    def poll(self, timeout=-1):
-        return self._real.poll(timeout)
-
-    def close(self):
-        self._real.close()
-
-
-def _patched_select(epoll_class):
-    return types.SimpleNamespace(epoll=epoll_class, EPOLLIN=select.EPOLLIN, EPOLLOUT=select.EPOLLOUT,
-                                 EPOLLERR=select.EPOLLERR)
+def _module_like(module, **replaced):
+    """A stand-in for ``module`` (socket, select) with some names replaced, for the prober only."""
+    fake = types.ModuleType(module.__name__)
+    fake.__dict__.update(module.__dict__)
+    fake.__dict__.update(replaced)
+    return fake
 
 
 def test_concurrency_cap_is_honoured(servers, monkeypatch):
     mute = servers(UdpEcho, V4, echo=False)
 
-    class Counting(_CountingEpoll):
-        peak = 0
+    class Counting(socket.socket):
+        live = peak = 0
 
-    monkeypatch.setattr(probe_mod, "select", _patched_select(Counting))
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            Counting.live += 1
+            Counting.peak = max(Counting.peak, Counting.live)
+
+        def close(self):
+            if self.fileno() != -1:
+                Counting.live -= 1
+            super().close()
+
+    monkeypatch.setattr(probe_mod, "socket", _module_like(socket, socket=Counting))
     started = time.monotonic()
     results = probe_ports([(V4, mute.port, "udp")] * 12, timeout=0.2, concurrency=4)
     elapsed = time.monotonic() - started
     assert [r["state"] for r in results] == [FILTERED] * 12
-    assert Counting.peak == 4
+    assert (Counting.peak, Counting.live) == (4, 0)
     # Three waves of four silent probes, one timeout each.
     assert elapsed >= 0.6
 
 
 def test_default_concurrency_respects_the_open_file_limit(monkeypatch):
     monkeypatch.setattr(probe_mod.resource, "getrlimit", lambda _: (200, 200))
-    assert 16 <= default_concurrency() <= 200 - 64 or default_concurrency() == 16
-    monkeypatch.setattr(probe_mod.resource, "getrlimit", lambda _: (1 << 20, 1 << 20))
-    assert 16 <= default_concurrency() <= 65535
+    assert default_concurrency() == 200 - probe_mod.FD_RESERVE
+    monkeypatch.setattr(probe_mod.resource, "getrlimit", lambda _: (1024, 1 << 20))
+    # A low soft limit is no cap: the run raises it up to the hard limit.
+    assert default_concurrency() == min(probe_mod.PER_CPU * probe_mod._cpus(), probe_mod.MAX_CONCURRENCY)
+    monkeypatch.setattr(probe_mod.resource, "getrlimit", lambda _: (20, 20))
+    assert default_concurrency() == 16
 
 
 def test_a_run_never_holds_more_sockets_than_the_file_limit_allows(servers):
@@ -315,12 +309,18 @@ def test_a_run_never_holds_more_sockets_than_the_file_limit_allows(servers):
 
 
 def _lagging_select(lag):
-    class Lagging(_CountingEpoll):
-        def poll(self, timeout=-1):
-            time.sleep(lag)  # the prober was descheduled: every deadline passes before it looks
-            return super().poll(timeout)
+    class Lagging:
+        def __init__(self):
+            self._real = select.epoll()
 
-    return _patched_select(Lagging)
+        def __getattr__(self, name):
+            return getattr(self._real, name)
+
+        def poll(self, timeout=-1, maxevents=-1):
+            time.sleep(lag)  # the prober was descheduled: every deadline passes before it looks
+            return self._real.poll(timeout, maxevents)
+
+    return _module_like(select, epoll=Lagging)
 
 
 @pytest.mark.parametrize("address", FAMILIES)
@@ -392,3 +392,31 @@ def test_no_socket_is_left_open(servers):
     with pytest.raises(ProbeError):
         probe_ports([(V4, listener.port, "tcp"), (V4, listener.port, "tcp", "192.0.2.1")], timeout=0.1)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_low_soft_file_limit_is_raised_for_the_run_and_restored(servers):
+    """Ansible sessions often start with a soft limit of 1024: the run raises it (up to the hard limit) and puts it back.
+
+    In a child process, so that pytest's own limit is never touched.
+    """
+    mute = servers(UdpEcho, V4, echo=False)
+    code = f"""
+import json, resource, sys, time
+sys.path[:0] = {json.dumps([p for p in sys.path if p])}
+from ansible_collections.portguard.hardening.plugins.module_utils.probe import probe_ports
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if hard != resource.RLIM_INFINITY and hard < 1200:
+    print(json.dumps({{"skip": hard}})); sys.exit()
+resource.setrlimit(resource.RLIMIT_NOFILE, (200, hard))
+started = time.monotonic()
+results = probe_ports([("{V4}", {mute.port}, "udp")] * 1000, timeout=0.5, concurrency=1000)
+print(json.dumps({{"elapsed": time.monotonic() - started, "states": sorted({{r["state"] for r in results}}),
+                  "after": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}}))
+"""
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    if "skip" in out:
+        pytest.skip(f"the hard open-file limit ({out['skip']}) is too low to show it")
+    assert out["states"] == [FILTERED]
+    # One wave of 1,000 (not five waves of the ~136 the soft limit of 200 would allow).
+    assert out["elapsed"] < 1.5
+    assert out["after"] == 200
