@@ -35,18 +35,19 @@ _HOSTNAME_RE = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+\.?\
 _PORT_RE = re.compile(r"^([1-9]\d{0,4})(?:-([1-9]\d{0,4}))?\Z")
 _LOG_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:= -]{1,29}\Z")
 # Fast path of parse_network (a catalog holds thousands of addresses; ipaddress costs
-# about 10 us each): only the plain forms that the full checks below accept, spelled
-# with ASCII classes. Octets 0-255 without leading zeros, prefixes without leading
-# zeros; IPv6 as hex groups of 1-4 digits with at most one "::", no embedded IPv4,
-# no zone. Anything else, and any value the fast path doubts, takes the full path,
+# about 10 us each): only plain forms that the full checks below accept. IPv4 as the
+# canonical dotted quad (what inet_ntoa writes back), IPv6 as hex groups of 1-4 ASCII
+# digits with at most one "::", no embedded IPv4, no zone; prefixes without leading
+# zeros. Anything else, and any value the fast path doubts, takes the full path,
 # which also writes the error messages.
-_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_FAST_V4_RE = re.compile(rf"({_OCTET}(?:\.{_OCTET}){{3}})(?:/(3[0-2]|[12][0-9]|[0-9]))?")
+_V4_PREFIXES = {str(bits): bits for bits in range(33)}  # "0" to "32", no leading zeros
 _HEXTETS = r"[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4})*"
 _FAST_V6_RE = re.compile(rf"((?:{_HEXTETS})?(?:::(?:{_HEXTETS})?)?)(?:/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))?")
 _V4_HOST_BITS = [(1 << (32 - bits)) - 1 for bits in range(33)]
 _V6_HOST_BITS = [(1 << (128 - bits)) - 1 for bits in range(129)]
 _FROM_BYTES = int.from_bytes
+_ATON = socket.inet_aton
+_NTOA = socket.inet_ntoa
 
 
 def type_name(value) -> str:
@@ -129,16 +130,22 @@ def parse_network(value, path: str, *, plain: bool = False) -> tuple[int, int, i
 
 
 def _fast_v4(value: str, plain: bool):
-    match = _FAST_V4_RE.fullmatch(value)
-    if match is None:
+    address, slash, prefix = value.partition("/")
+    try:
+        packed = _ATON(address)
+    except (OSError, ValueError):
         return None
-    address, prefix = match.groups()
-    if prefix is None:
-        value = _FROM_BYTES(socket.inet_aton(address), "big")
-        return 4, value, value
-    if plain:
+    # inet_aton also reads "10", "010" (octal), "1.2.3.4 junk": only the canonical dotted quad, the
+    # one form ipaddress accepts, comes back unchanged from inet_ntoa.
+    if _NTOA(packed) != address:
         return None
-    first, host_bits = _FROM_BYTES(socket.inet_aton(address), "big"), _V4_HOST_BITS[int(prefix)]
+    first = _FROM_BYTES(packed, "big")
+    if not slash:
+        return 4, first, first
+    bits = _V4_PREFIXES.get(prefix)
+    if bits is None or plain:
+        return None
+    host_bits = _V4_HOST_BITS[bits]
     if first & host_bits:
         return None
     return 4, first, first | host_bits
