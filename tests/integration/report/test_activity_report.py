@@ -320,6 +320,17 @@ def test_report_end_to_end(lab):
     page = (lab.reports / "verify" / "matrix.html").read_text()
     assert "<h1>reachability</h1>" in page and "portguard-activity" in page and "app-db/postgres" in page
 
+    # An apply that changes the ruleset replaces the table (its counters restart): the report says when.
+    rc, data = lab.playbook("harden.yml", "portguard_log_rate=599")
+    assert rc == 0 and data["stats"]["db1"]["changed"] > 0, json.dumps(data["stats"])
+    applied = json.loads(lab.sh("db1", "cat /run/portguard/applied.json"))
+    rc, data = lab.playbook("portguard.hardening.report")
+    assert rc == 0
+    after_reset = lab.report("db1")
+    assert after_reset["reset"]["event"] == "applied" and after_reset["reset"]["at"] == applied["at"]
+    assert after_reset["deny_counters"]["denied_in"] == {"total": 0, "new": 0}
+    assert {f["label"]: f["hits"] for f in after_reset["flows"]}["app-db/postgres"] == 3  # the window keeps them
+
     # CI gate: the expired flow fails the play.
     rc, data = lab.playbook("portguard.hardening.report", "portguard_report_fail_on_expired=true")
     assert rc != 0
