@@ -71,6 +71,9 @@ iptables -t nat -A PREROUTING -s 198.51.100.0/24 -m addrtype --dst-type LOCAL -j
 ip6tables -N DOCKER-USER
 ip6tables -A DOCKER-USER -j RETURN
 ip6tables -A INPUT -s 2001:db8:66::7 -j DROP
+ipset create f2b-sshd hash:ip
+ipset add f2b-sshd 203.0.113.66
+iptables -I INPUT -p tcp --dport 22 -m set --match-set f2b-sshd src -j REJECT
 nft -f - <<'EOF'
 table inet f2b-table {
     set addr-set-sshd { type ipv4_addr; elements = { 203.0.113.66 } }
@@ -269,7 +272,7 @@ class Box:
             return proc.stdout if proc.returncode == 0 else ""
         saved = self.sh("iptables-save -t filter; ip6tables-save -t filter")
         rules = [line for line in saved.splitlines() if "PORTGUARD" in line]
-        sets = self.sh("for s in $(ipset list -n | grep '^portguard-'); do ipset save $s; done")
+        sets = self.sh("for s in $(/usr/sbin/ipset list -n | grep '^portguard-'); do /usr/sbin/ipset save $s; done")
         # counters, and the hash parameters a fresh `create` picks at random, left out; elements sorted
         sets = [re.sub(r" (packets|bytes|hashsize|bucketsize|initval) \S+", "", line) for line in sets.splitlines()]
         return "\n".join(
@@ -283,9 +286,13 @@ class Box:
 
 
 def foreign_tables(box):
-    """Every table but ours, as ``nft list table`` prints it (counters included)."""
+    """Every table but ours, as ``nft list table`` prints it (counters included), and every ipset but ours."""
     names = [line.removeprefix("table ") for line in box.sh("nft list tables").splitlines() if line.strip()]
-    return {name: strip_ours(box.sh(f"nft list table {name}")) for name in names if name != "inet portguard"}
+    found = {name: strip_ours(box.sh(f"nft list table {name}")) for name in names if name != "inet portguard"}
+    for name in box.sh("/usr/sbin/ipset list -n").split():  # the real one, not the shim
+        if not name.startswith("portguard-"):
+            found[f"ipset {name}"] = box.sh(f"/usr/sbin/ipset list {name}")
+    return found
 
 
 def strip_ours(text):
@@ -529,6 +536,34 @@ def test_state_absent_removes_only_ours(lab, core):
     assert foreign_tables(core) == core.foreign_before
     again = lab.playbook(core.inventory, extra=[{"pgit_state": "absent"}]).ok(core.name)
     assert again["changed"] is False
+
+
+def test_iptables_without_ipset_falls_back_to_rules(lab, tmp_path):
+    """A host whose ipset does not work gets one rule per source, a warning, and an idempotent second run.
+
+    The ``ipset`` the module finds fails as it does on a kernel without ip_set; the foreign set of the
+    fail2ban-like setup stays, read by the test through the real tool.
+    """
+    box = lab.container("pgit-noipset", "172.30.91.13")
+    try:
+        box.sh(
+            "cat > /usr/local/sbin/ipset",
+            input='#!/bin/sh\necho "$*" >> /tmp/pgit-ipset.log\n'
+            "echo 'ipset v7.17: Kernel error received: Protocol not supported' >&2\nexit 1\n",
+        )
+        inventory = write_inventory(tmp_path / "hosts.yml", podman_host(lab, box, "iptables"))
+        first = lab.playbook(inventory).ok(box.name)
+        assert first["changed"] is True and first["state"] == "confirmed"
+        assert first["iptables_whitelist"] == "rules"
+        assert any("no usable ipset" in warning for warning in first["warnings"])
+        live = box.ours("iptables")
+        assert "-A PORTGUARD-IN -s 198.51.100.0/24 -p udp -m udp --dport 53" in live and "--match-set" not in live
+        with kernel_writes(box) as events:
+            second = lab.playbook(inventory).ok(box.name)
+        assert second["changed"] is False and events == [], events[:5]
+        assert foreign_tables(box) == box.foreign_before
+    finally:
+        box.remove()
 
 
 # ------------------------------------------------------------------ host-side validation of a bad ruleset
