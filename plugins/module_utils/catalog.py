@@ -121,7 +121,7 @@ def host_addresses(host: str, hostvars: dict) -> tuple[str, ...]:
             raise SchemaError(f"{base}.portguard_addresses", f"expected a list of addresses, got {type_name(raw)}")
         parsed = set()
         for index, value in enumerate(values):
-            family, number, _ = parse_network(value, f"{base}.portguard_addresses[{index}]", plain=True)
+            family, number = parse_network(value, f"{base}.portguard_addresses[{index}]", plain=True)[:2]
             parsed.add((family, number))
         # address_text writes what str(ipaddress.ip_address()) writes; sorted as (version, address) sorts them
         return tuple(address_text(family, number) for family, number in sorted(parsed))
@@ -193,7 +193,7 @@ class _Compiler:
         for host, settings in self.hosts.items():
             per_family = {4: [], 6: []}
             for address in settings.addresses:  # written by host_addresses: valid plain addresses
-                family, number, _ = parse_network(address, f"hostvars.{host}", plain=True)
+                family, number = parse_network(address, f"hostvars.{host}", plain=True)[:2]
                 per_family[family].append((number, number))
             self.host_intervals[host] = per_family
             if not settings.addresses:
