@@ -102,7 +102,7 @@ class ActionModule(ActionBase):
         remote = self._connection.get_option("host") if self._connection.has_option("host") else None
         port = task_vars.get("ansible_port", 22)
         try:
-            for family, _, _, _, sockaddr in socket.getaddrinfo(remote, port, proto=socket.IPPROTO_UDP):
+            for family, _type, _proto, _name, sockaddr in socket.getaddrinfo(remote, port, proto=socket.IPPROTO_UDP):
                 with socket.socket(family, socket.SOCK_DGRAM) as probe:
                     probe.connect(sockaddr)  # no packet is sent: this only asks the routing table
                     found.add(probe.getsockname()[0])

@@ -66,7 +66,7 @@ def run(argv, data=None, check=True):
     return proc
 
 
-def normalize_nft(text: str | None) -> list[str]:
+def normalize_nft(text) -> list[str]:
     """A table listing (or a rendered ruleset) as comparable lines: no counter values, elements sorted."""
     if not text:
         return []
@@ -105,7 +105,7 @@ def normalize_iptables(save_output: str) -> list[str]:
     return [*sorted(declared), *sorted(jumps), *(line for chain in CHAINS for line in rules[chain])]
 
 
-def normalize_ipset(text: str | None, rendered: bool = False) -> list[str]:
+def normalize_ipset(text, rendered: bool = False) -> list[str]:
     """Our sets from ``ipset save`` (or a rendered payload) as comparable lines.
 
     Per set: the ``create`` line with what we set (type, family, maxelem, counters, comment; the
@@ -191,7 +191,7 @@ def check_ipset_payload(payload: str, sets) -> None:
         raise HostError("refused ipset payload: it does not fill and swap in exactly the listed sets")
 
 
-def _element_problem(match, family) -> str | None:
+def _element_problem(match, family):
     try:
         network = ipaddress.ip_network(match["address"] if "/" in match["address"] else match["address"] + "/"
                                        + ("32" if "." in match["address"] else "128"))
@@ -240,7 +240,7 @@ def _prepare_sets_script(sets) -> str:
 class NftablesBackend:
     name = "nftables"
 
-    def live(self) -> str | None:
+    def live(self):
         proc = run(["nft", "list", "table", "inet", TABLE], check=False)
         if proc.returncode != 0:
             if "No such file" in proc.stderr or "does not exist" in proc.stderr:
@@ -307,12 +307,12 @@ class IptablesBackend:
         ours = [name for name in listed.stdout.split() if name.removesuffix("-new") in SETS]
         return "".join(run(["ipset", "save", name]).stdout.rstrip("\n") + "\n" for name in sorted(ours))
 
-    def live(self) -> dict | None:
+    def live(self):
         result = {}
         for tool, family in self.families:
             result[family] = self._save(tool)
         result["ipset"] = self._save_sets()
-        if not result["ipset"] and not any(normalize_iptables(result[family]) for _, family in self.families):
+        if not result["ipset"] and not any(normalize_iptables(result[family]) for _tool, family in self.families):
             return None
         return result
 
@@ -320,7 +320,7 @@ class IptablesBackend:
         live = self.live() or {}
         jumps = "".join(f"-A {builtin} -j {chain}\n" for builtin, chain in ruleset["jumps"])
         before, after = [], []
-        for _, family in self.families:
+        for _tool, family in self.families:
             before += [f"{family} {line}" for line in normalize_iptables(live.get(family, ""))]
             after += [f"{family} {line}" for line in normalize_iptables(ruleset[family] + jumps)]
         before += [f"ipset {line}" for line in normalize_ipset(live.get("ipset"))]
@@ -341,7 +341,7 @@ class IptablesBackend:
             raise HostError("the ruleset needs ipset, but the ipset tool or the kernel's ip_set is missing on this "
                             "host; nothing was changed")
         existing = set(run(["ipset", "list", "-n"], check=False).stdout.split()) if payload else set()
-        absent = {name for name, _ in sets if name not in existing}
+        absent = {name for name, _family in sets if name not in existing}
         for tool, family in self.families:
             rules = "".join(line + "\n" for line in ruleset[family].splitlines()
                             if not any(f" --match-set {name} " in line for name in absent))
@@ -353,7 +353,7 @@ class IptablesBackend:
     def _remove_chains_steps(self, chains) -> list:
         return [[["sh", "-c", f"while {tool} -D {BUILTIN[chain]} -j {chain} 2>/dev/null; do :; done; "
                               f"{tool} -F {chain} 2>/dev/null; {tool} -X {chain} 2>/dev/null; true"], None]
-                for tool, _ in self.families for chain in chains]
+                for tool, _family in self.families for chain in chains]
 
     def apply_steps(self, ruleset) -> list:
         """Sets first (the rules reference them), then each family's chains and jumps, then stale chains and sets."""
@@ -370,9 +370,9 @@ class IptablesBackend:
                                            f"{tool} -I {builtin} 1 -j {chain}"], None])
         # A chain the ruleset no longer has (egress turned off), then the sets nothing references any more
         # (all of them when the host fell back to per-source rules).
-        wanted = {chain for _, chain in ruleset["jumps"]}
+        wanted = {chain for _builtin, chain in ruleset["jumps"]}
         steps += self._remove_chains_steps([chain for chain in CHAINS if chain not in wanted])
-        used = {name for name, _ in sets}
+        used = {name for name, _family in sets}
         steps.append([["sh", "-c", _destroy_sets_script(
             [n for name in SETS for n in (name, f"{name}-new") if n not in used])], None])
         return steps
@@ -393,7 +393,7 @@ class IptablesBackend:
             payload = "\n".join(["*filter", *[f"{c} - [0:0]" for c in chains], *rules, "COMMIT"]) + "\n"
             steps.append([[f"{tool}-restore", "--noflush"], payload])
             for jump in jumps:
-                _, builtin, _, chain = jump.split(" ")
+                builtin, chain = jump.split(" ")[1::2]
                 steps.append([[tool, "-I", builtin, "1", "-j", chain], None])
         return steps
 

@@ -229,7 +229,7 @@ class Iptables:
         return {f"IPv{family} {key}": int((builtin, chain) in jumps) for family in (4, 6)
                 for builtin, chain in (("INPUT", "PORTGUARD-IN"), ("OUTPUT", "PORTGUARD-OUT"))
                 for key in (f"{builtin} -j {chain}", f":{chain}")} | {
-            "sets": sorted(name for name, _ in self.render(policy).sets)}
+            "sets": sorted(name for name, _family in self.render(policy).sets)}
 
     def counter(self, lab: NetLab, direction: str) -> int:
         pattern = re.compile(rf"^\[(\d+):\d+\] -A PORTGUARD-{direction.upper()} -m comment --comment denied_{direction} ")
@@ -263,7 +263,7 @@ def _probe(lab: NetLab, backend, policy, host: str, direction: str, sources, por
         expected = [hp.allowed_out(address, port, proto) for address, port, proto in cases]
     if require_both:
         for family in (4, 6):
-            wanted = [want for (address, _, _), want in zip(cases, expected) if (":" in address) == (family == 6)]
+            wanted = [want for (address, _port, _proto), want in zip(cases, expected) if (":" in address) == (family == 6)]
             assert any(wanted) and not all(wanted), f"the IPv{family} sample must hold allowed and denied cases"
     through = [True] * len(cases) if hp.settings.mode == "audit" else expected
     lab.flush_conntrack()

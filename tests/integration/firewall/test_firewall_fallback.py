@@ -8,7 +8,7 @@ test_firewall.py (same network, image and helpers). Needs what test_firewall.py 
 """
 
 import pytest
-from test_firewall import foreign_tables, lab, podman_host, write_inventory  # noqa: F401 - lab is a fixture
+from test_firewall import foreign_tables, lab, podman_host, write_inventory  # noqa: F401 pylint: disable=unused-import
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

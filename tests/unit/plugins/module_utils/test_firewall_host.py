@@ -122,8 +122,8 @@ def test_validation_writes_nothing_and_tests_set_rules_once_the_sets_exist(rules
     monkeypatch.setattr(firewall_host, "run", fake_run)
     monkeypatch.setattr(firewall_host.shutil, "which", lambda tool: f"/usr/sbin/{tool}")
     IptablesBackend().validate(ruleset)
-    assert {argv[0] for argv, _ in calls} == {"ipset", "iptables-restore", "ip6tables-restore"}
-    assert all(argv[:2] == ["ipset", "list"] or argv[1:] == ["--test", "--noflush"] for argv, _ in calls)
+    assert {argv[0] for argv, _data in calls} == {"ipset", "iptables-restore", "ip6tables-restore"}
+    assert all(argv[:2] == ["ipset", "list"] or argv[1:] == ["--test", "--noflush"] for argv, _data in calls)
     tested = {argv[0]: data for argv, data in calls if argv[0].endswith("-restore")}
     # portguard-in4 exists: its rule is tested; portguard-in6 does not yet: its rule is left out
     assert "--match-set portguard-in4 src,dst" in tested["iptables-restore"]
@@ -139,7 +139,7 @@ def test_host_refuses_other_set_names_and_families(sets):
 
 
 def commands(steps):
-    return [" ".join(argv) if argv[0] != "sh" else f"sh: {argv[2].splitlines()[0]}" for argv, _ in steps]
+    return [" ".join(argv) if argv[0] != "sh" else f"sh: {argv[2].splitlines()[0]}" for argv, _data in steps]
 
 
 def test_apply_order_sets_then_rules_then_stale_chains_and_sets(ruleset):
@@ -151,7 +151,7 @@ def test_apply_order_sets_then_rules_then_stale_chains_and_sets(ruleset):
     assert names[2] == "iptables-restore --noflush" and names[4] == "ip6tables-restore --noflush"
     assert names.index("iptables-restore --noflush") > names.index("ipset restore")
     # egress off: PORTGUARD-OUT (if an earlier run made it) goes, then the out sets nothing references
-    assert any("PORTGUARD-OUT" in argv[2] and "-X PORTGUARD-OUT" in argv[2] for argv, _ in steps[6:8])
+    assert any("PORTGUARD-OUT" in argv[2] and "-X PORTGUARD-OUT" in argv[2] for argv, _data in steps[6:8])
     destroy = steps[-1][0][2]
     assert "portguard-out4 portguard-out4-new portguard-out6" in destroy and "portguard-in4 " not in destroy
 
@@ -181,7 +181,7 @@ def test_revert_removes_ours_then_restores_sets_before_rules():
 
 def test_destroy_script_and_loader_are_valid_shell(ruleset):
     backend = IptablesBackend()
-    for argv, _ in backend.apply_steps(ruleset) + backend.restore_steps(None):
+    for argv, _data in backend.apply_steps(ruleset) + backend.restore_steps(None):
         if argv[0] == "sh":
             subprocess.run(["sh", "-n", "-c", argv[2]], check=True)
     subprocess.run(["sh", "-n", "-c", backend.loader()], check=True)
