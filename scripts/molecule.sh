@@ -41,6 +41,15 @@ if [ ! -e "$link" ]; then
   ln -sfn ../../../.. "$link"
 fi
 
+# Scenario containers and networks have fixed names and subnets: two runs on
+# one machine (two checkouts, two CI jobs) take turns.
+lock="${TMPDIR:-/tmp}/portguard-molecule.lock"
+exec 9>"$lock"
+if ! flock -n 9; then
+  echo "[molecule] another run holds $lock; waiting"
+  flock 9
+fi
+
 start=$SECONDS
 bash scripts/lab-image.sh
 echo "[molecule] lab image ready in $((SECONDS - start))s"
