@@ -9,7 +9,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 # The stages, in order. A new stage is a stage_<name> function plus its name here.
-STAGES=(setup lint pytest)
+STAGES=(setup lint pytest molecule)
 
 PYTEST_ARGS=()
 
@@ -28,6 +28,12 @@ stage_pytest() {
     echo "[test] pytest collected no tests: that is a failure, not a pass"
   fi
   return "$rc"
+}
+
+# Every Molecule scenario against podman containers (scripts/molecule.sh),
+# the lab image built or taken from its cache first; prints each scenario's time.
+stage_molecule() {
+  bash scripts/molecule.sh
 }
 
 selected=()
