@@ -20,7 +20,7 @@ IPSET = ("/usr/sbin/ipset", "/usr/local/sbin/ipset")
 
 
 def test_without_ipset_rules_then_sets_once_installed(lab, tmp_path):  # noqa: F811 - the imported fixture
-    box = lab.container("pgit-noipset", "172.30.91.41")
+    box = lab.container("pgit-ipset-arrives", "172.30.91.42")
     try:
         box.sh("; ".join(f"mv {path} {path}.off" for path in IPSET))
         inventory = write_inventory(tmp_path / "hosts.yml", podman_host(lab, box, "iptables"))
