@@ -210,6 +210,7 @@ class _Compiler:
         self._ingress_memo: dict[tuple, tuple] = {}
         self._source_starts: dict[tuple, list] = {}
         self._egress_memo: dict[tuple, list] = {}
+        self._egress_results: dict[tuple, tuple] = {}
         for flow in self.flows:
             for host in flow.targets:
                 self.flows_to.setdefault(host, []).append(flow)
@@ -526,19 +527,28 @@ class _Compiler:
     def _egress(self, host):
         """Destinations this host may open connections to: flows whose sources include one of its addresses."""
         mine = self.host_intervals[host]
-        rects: dict[tuple[int, str], list] = {}
         flows = [*self.flows, *([self.management] if self.management else [])]
+        matching = []
         for flow in flows:
             for family in FAMILIES:
                 starts = self._source_starts.get((id(flow), family))
                 if starts is None:  # computed once per flow, not once per egress host
                     starts = self._source_starts[id(flow), family] = [lo for lo, _ in flow.sources[family]]
-                if not any(address_in(flow.sources[family], starts, lo) for lo, _ in mine[family]):
-                    continue
+                if any(address_in(flow.sources[family], starts, lo) for lo, _ in mine[family]):
+                    matching.append((flow, family))
+        # Hosts that are sources of the same flows get the same destinations, unless a host is one of
+        # them (it is left out of its own): such whitelists are built once and shared, as for ingress.
+        targeted = any(host in pair[0].targets for pair in matching)
+        memo_key = (tuple((id(flow), family) for flow, family in matching), host if targeted else None)
+        found = self._egress_results.get(memo_key)
+        if found is None:
+            rects: dict[tuple[int, str], list] = {}
+            for flow, family in matching:
                 for target, proto, items in self._egress_rects(flow, family):
                     if target != host:
                         rects.setdefault((family, proto), []).extend(items)
-        return self._entries(rects)
+            found = self._egress_results[memo_key] = self._entries(rects)
+        return found
 
     def _egress_rects(self, flow, family):
         """``(target, proto, rects)`` of a flow's destinations, the same for every egress host: made once per flow."""
