@@ -36,6 +36,7 @@ those limits (``--keep-icmp-ratelimit`` keeps the kernel defaults), so
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -44,8 +45,8 @@ import shutil
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ElementTree
 from pathlib import Path
+from xml.etree import ElementTree
 
 import _common
 
@@ -194,6 +195,26 @@ def parse_nmap(xml_text: str) -> dict:
     return {port: listed.get(port, rest) for port in range(1, 65536)}
 
 
+@contextlib.contextmanager
+def cpu_hog(count: int):
+    """``count`` processes spinning at the prober's priority, killed (by pid) when the block ends."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _spinner in range(count)]
+    try:
+        time.sleep(0.2)
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+        for spinner in spinners:
+            spinner.wait()
+
+
+def softnet_drops() -> int:
+    """Packets the kernel dropped because a CPU's input backlog was full (all CPUs, whole machine)."""
+    lines = Path("/proc/net/softnet_stat").read_text().split("\n")
+    return sum(int(line.split()[1], 16) for line in lines if line.strip())
+
+
 def counts(states) -> dict:
     found = {"open": 0, "closed": 0, "filtered": 0, "other": 0}
     for state in states:
@@ -226,6 +247,8 @@ def main() -> None:
     parser.add_argument("--nmap-limit", type=float, default=300.0, help="seconds before an nmap run is cut off")
     parser.add_argument("--policies", nargs="+", default=["reject", "drop"], choices=("reject", "drop"))
     parser.add_argument("--keep-icmp-ratelimit", action="store_true")
+    parser.add_argument("--cpu-hog", type=int, default=0, metavar="N",
+                        help="also sweep under drop with N spinning processes busy (e.g. 2 per CPU)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     tools = ["ip", "nft"] + ([] if args.skip_nmap else ["nmap"])
@@ -245,7 +268,7 @@ def main() -> None:
             lab.load(policy)
             family = args.family
             expected = [truth(policy, family, port, "tcp") for port in range(1, 65536)]
-            for _ in range(args.repeats):
+            for _repeat in range(args.repeats):
                 lab.settle()
                 seconds, out = lab.port_probe({"sweep": {"address": TARGET[family], "first": 1, "last": 65535},
                                                "timeout": timeout, "concurrency": args.concurrency})
@@ -272,7 +295,7 @@ def main() -> None:
                     for port, proto, _name in planned:
                         targets.append([TARGET[fam], port, proto, None])
                         expected.append(truth(policy, fam, port, proto))
-                for _ in range(args.repeats):
+                for _repeat in range(args.repeats):
                     lab.settle()
                     seconds, out = lab.port_probe({"targets": targets, "timeout": timeout,
                                                    "concurrency": args.concurrency})
@@ -280,6 +303,22 @@ def main() -> None:
                     rows.append(row("port_probe", deny, f"targeted set ({len(targets)} probes)", seconds, states,
                                     expected, f"probe loop {out['elapsed']:.2f} s; catalog + COMMON_PORTS, "
                                     "TCP+UDP, IPv4+IPv6"))
+                    print_table(rows[-1:])
+        if args.cpu_hog:
+            policy = compiled("drop").host("target")
+            lab.load(policy)
+            for family in (4, 6):
+                expected = [truth(policy, family, port, "tcp") for port in range(1, 65536)]
+                for _repeat in range(args.repeats):
+                    lab.settle()
+                    drops = softnet_drops()
+                    with cpu_hog(args.cpu_hog):
+                        seconds, out = lab.port_probe({"sweep": {"address": TARGET[family], "first": 1, "last": 65535},
+                                                       "timeout": timeout, "concurrency": args.concurrency})
+                    states = [r["state"] for r in out["results"]]
+                    rows.append(row("port_probe", "drop", f"TCP 1-65535 IPv{family}", seconds, states, expected,
+                                    f"CPU busy ({args.cpu_hog} spinners), loop {out['elapsed']:.2f} s, "
+                                    f"{softnet_drops() - drops} packets dropped by full kernel backlogs"))
                     print_table(rows[-1:])
     print_table(rows)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -52,7 +52,7 @@ class ProbeError(PortguardError):
     ``errno`` is set when the operating system refused it (a source address that is not local).
     """
 
-    def __init__(self, message: str, error: int | None = None):
+    def __init__(self, message, error=None):
         super().__init__(message)
         self.errno = error
 
@@ -68,7 +68,7 @@ def default_concurrency() -> int:
     the hard open-file limit lets the process open (the run raises its soft
     limit that far when it needs to).
     """
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     room = MAX_CONCURRENCY if hard == resource.RLIM_INFINITY else hard - FD_RESERVE
     return max(16, min(PER_CPU * _cpus(), MAX_CONCURRENCY, room))
 
@@ -190,7 +190,7 @@ def probe_ports(targets, *, timeout=1.0, concurrency=None, source=None):
     plan = check_targets(targets, source)
     with _FileLimit(concurrency or default_concurrency()) as limit:
         results = _run(targets, plan, timeout, min(limit.wanted, limit.room))
-    for (_, chosen), result in zip(plan, results):
+    for (_family, chosen), result in zip(plan, results):
         result["source"] = chosen
     return results
 
@@ -272,7 +272,7 @@ _OUT_OF_SOCKETS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 def _start(attempt, family, source):
     """Send the attempt's first packet; returns a result when it is known at once, else None (in flight)."""
-    address, port, _ = attempt.target
+    address, port = attempt.target[:2]
     try:
         sock = socket.socket(family, (socket.SOCK_STREAM if attempt.tcp else socket.SOCK_DGRAM) | SOCK_NONBLOCK)
     except OSError as exc:

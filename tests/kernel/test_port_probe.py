@@ -124,7 +124,7 @@ def run_prober(lab, request: dict) -> dict:
 @contextlib.contextmanager
 def cpu_hog():
     """Two spinning processes per core, at the prober's priority, for as long as the block runs."""
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 1))]
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _spinner in range(2 * (os.cpu_count() or 1))]
     try:
         yield len(spinners)
     finally:
@@ -150,7 +150,7 @@ def test_every_probe_is_classified_exactly(lab, load, deny):
                 state = truth(policy, family, port, proto)
                 reason = REASONS.get((state, proto)) or ("rejected" if deny == "reject" else "timeout")
                 expected.append((state, reason))
-    assert {state for state, _ in expected} == {"open", "closed", "filtered"}
+    assert {state for state, _reason in expected} == {"open", "closed", "filtered"}
     out = run_prober(lab, {"targets": targets, "timeout": 1.0})
     got = [(r["state"], r["reason"]) for r in out["results"]]
     wrong = [f"{t[0]} {t[1]}/{t[2]}: got {g}, expected {e}" for t, g, e in zip(targets, got, expected) if g != e]
@@ -158,7 +158,7 @@ def test_every_probe_is_classified_exactly(lab, load, deny):
     assert [(r["address"], r["port"], r["proto"]) for r in out["results"]] == [tuple(t[:3]) for t in targets]
     # Every denied probe counted by the ruleset's deny counter: the prober's packets really hit the policy.
     counter = lab.ns(lab.dst, "nft", "list", "counter", "inet", "portguard", "denied_in").stdout
-    denied = sum(1 for state, _ in expected if state == "filtered")
+    denied = sum(1 for state, _reason in expected if state == "filtered")
     packets = int(counter.split("packets", 1)[1].split()[0])
     assert packets >= denied
 
@@ -243,7 +243,7 @@ def test_module_through_ansible_in_the_prober_namespace(lab, load):
     for extra in ([], ["--check"]):
         result = subprocess.run(["ip", "netns", "exec", lab.src, command, "localhost", "-o", "-m",
                                  "portguard.hardening.port_probe", "-a", json.dumps(args), *extra],
-                                capture_output=True, text=True, env=env, timeout=180)
+                                capture_output=True, text=True, env=env, timeout=180, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
         output = json.loads(result.stdout.split(" => ", 1)[1])
         assert output["changed"] is False
@@ -262,7 +262,7 @@ def test_module_refuses_a_bad_target_through_ansible(lab):
     args = {"targets": [{"address": TARGET[4], "port": 70000}]}
     result = subprocess.run(["ip", "netns", "exec", lab.src, command, "localhost", "-o", "-m",
                              "portguard.hardening.port_probe", "-a", json.dumps(args)],
-                            capture_output=True, text=True, env=env, timeout=120)
+                            capture_output=True, text=True, env=env, timeout=120, check=False)
     assert result.returncode != 0
     output = json.loads(result.stdout.split(" => ", 1)[1])
     assert "targets[0]: bad port 70000" in output["msg"]

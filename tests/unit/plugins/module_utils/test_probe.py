@@ -144,7 +144,7 @@ def full_accept_queue(address):
     port = listener.getsockname()[1]
     fillers = []
     try:
-        for _ in range(2):
+        for _filler in range(2):
             filler = socket.socket(family(address))
             filler.setblocking(False)
             filler.connect_ex((address, port))
@@ -300,7 +300,7 @@ def test_default_concurrency_respects_the_open_file_limit(monkeypatch):
 def test_a_run_never_holds_more_sockets_than_the_file_limit_allows(servers):
     """A concurrency above what the process may open is clamped, not an EMFILE crash."""
     mute = servers(UdpEcho, V4, echo=False)
-    soft, _ = probe_mod.resource.getrlimit(probe_mod.resource.RLIMIT_NOFILE)
+    soft = probe_mod.resource.getrlimit(probe_mod.resource.RLIMIT_NOFILE)[0]
     results = probe_ports([(V4, mute.port, "udp")] * 40, timeout=0.1, concurrency=soft * 4)
     assert [r["state"] for r in results] == [FILTERED] * 40
 
