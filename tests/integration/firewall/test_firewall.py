@@ -413,9 +413,17 @@ def core(lab, request, tmp_path_factory):
     box.remove()
 
 
-def converge(lab, box):
+def converge(lab, box, force=False):
+    """Bring ``box`` to the catalog's state; a no-op when the previous test left it there.
+
+    ``box.converged`` is cleared by a test before it changes the host, and set when it leaves the
+    host converged, so a failed test never leaves a wrong state marked as converged.
+    """
+    if getattr(box, "converged", False) and not force:
+        return None
     result = lab.playbook(box.inventory).ok(box.name)
     assert result.get("state", "confirmed") == "confirmed"
+    box.converged = True
     return result
 
 
@@ -453,6 +461,7 @@ def test_first_run_applies_confirms_and_persists(lab, core):
     run = lab.playbook(core.inventory)
     result = run.ok(core.name)
     assert result["changed"] is True and result["state"] == "confirmed" and result["token"]
+    core.converged = True
     live = core.ours(core.backend)
     if core.backend == "nftables":
         assert '198.51.100.0/24 . 443 counter comment "clients-web/https: Public web traffic"' in live
@@ -484,6 +493,7 @@ def test_drift_is_reported_in_check_mode_and_repaired(lab, core):
     """A deleted rule and an added allow are reported by check mode (diff) and repaired by the next run."""
     converge(lab, core)
     good = core.ours(core.backend)
+    core.converged = False
     if core.backend == "nftables":
         handles = core.sh("nft -a list chain inet portguard input")
         handle = re.search(r"ip saddr \. udp dport @in4_udp accept # handle (\d+)", handles).group(1)
@@ -522,12 +532,14 @@ def test_drift_is_reported_in_check_mode_and_repaired(lab, core):
     assert core.sh(f"cat {persisted}") == saved
 
     assert lab.playbook(core.inventory).ok(core.name)["changed"] is False
+    core.converged = True
     assert foreign_tables(core) == core.foreign_before
 
 
 def test_state_absent_removes_only_ours(lab, core):
     """state=absent removes our table/chains and persisted files, and nothing else; a second time is unchanged."""
     converge(lab, core)
+    core.converged = False
     result = lab.playbook(core.inventory, extra=[{"pgit_state": "absent"}]).ok(core.name)
     assert result["changed"] is True
     assert core.ours(core.backend) == ""
@@ -796,9 +808,10 @@ def test_lockout_reverts_within_timeout_and_host_stays_reachable(lab, ssh_host, 
     fresh ssh connection fails, and the host restores the previous ruleset by itself.
     """
     box, backend = ssh_host, ssh_host.backend
-    converged = converge(lab, box)
+    converged = converge(lab, box, force=True)
     assert converged["controller_addresses"] == [GATEWAY]
     good = box.ours(backend)
+    box.converged = False
     persisted = box.sh(f"cat {firewall_host.PERSIST_DIR}/ruleset.*")
     proc = lab.playbook(
         box.inventory,
@@ -823,6 +836,7 @@ def test_lockout_reverts_within_timeout_and_host_stays_reachable(lab, ssh_host, 
     assert foreign_tables(box) == box.foreign_before
     assert can_connect(box.ip)
     assert lab.playbook(box.inventory).ok(box.name)["changed"] is False  # reachable, and exactly as before
+    box.converged = True
 
 
 def test_killed_controller_mid_apply_reverts(lab, ssh_host, tmp_path):
@@ -834,6 +848,7 @@ def test_killed_controller_mid_apply_reverts(lab, ssh_host, tmp_path):
     lockout test covers the revert to a previous ruleset.
     """
     box, backend = ssh_host, ssh_host.backend
+    box.converged = False
     lab.playbook(box.inventory, extra=[{"pgit_state": "absent"}]).ok(box.name)
     assert box.ours(backend) == ""
     proc = lab.playbook(box.inventory, background=tmp_path / "run.json", extra=[{"portguard_rollback_timeout": REVERT}])
@@ -856,6 +871,7 @@ def test_killed_controller_mid_apply_reverts(lab, ssh_host, tmp_path):
     result = lab.playbook(box.inventory).ok(box.name)
     assert result["changed"] is True and result["state"] == "confirmed"
     assert "198.51.100.0/24" in box.ours(backend)
+    box.converged = True
 
 
 @pytest.mark.parametrize("ssh_host", ["nftables"], indirect=True)
@@ -868,6 +884,7 @@ def test_dead_revert_guard_check_mode_writes_nothing_next_run_reverts(lab, ssh_h
     box = ssh_host
     converge(lab, box)
     good = box.ours("nftables")
+    box.converged = False
     proc = lab.playbook(
         box.inventory,
         background=tmp_path / "run.json",
@@ -896,6 +913,7 @@ def test_dead_revert_guard_check_mode_writes_nothing_next_run_reverts(lab, ssh_h
     assert box.state_files() == {"pending.json": False, "reverted.json": False}
     assert foreign_tables(box) == box.foreign_before
     assert lab.playbook(box.inventory).ok(box.name)["changed"] is False
+    box.converged = True
 
 
 HOLD_SSH = f"""table inet pgit-hold {{
@@ -919,6 +937,7 @@ def test_concurrent_runs_are_serialized(lab, ssh_host, tmp_path):
     """
     box = ssh_host
     converge(lab, box)
+    box.converged = False
     podman_inventory = write_inventory(tmp_path / "podman" / "hosts.yml", podman_host(lab, box, "nftables"))
     pid = box.pid
     pidns = os.readlink(f"/proc/{pid}/ns/pid")
@@ -973,3 +992,4 @@ def test_concurrent_runs_are_serialized(lab, ssh_host, tmp_path):
     assert result_b["token"] != result_a["token"]
     assert box.state_files() == {"pending.json": False, "reverted.json": False}
     assert "203.0.113.0/24" not in box.ours("nftables")  # B (the base catalog) applied last
+    box.converged = True
