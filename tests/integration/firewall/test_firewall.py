@@ -46,6 +46,7 @@ FILES = HERE / "files"
 ROOT = HERE.parents[2]
 IMAGE = "localhost/portguard-lab:bookworm"
 NETWORK = "pgit-net"
+RUN = f"{os.getpid():x}"  # suffix of this run's container names
 SUBNET = "172.30.91.0/24"
 GATEWAY = "172.30.91.1"
 BACKENDS = ("nftables", "iptables")
@@ -157,8 +158,10 @@ class Lab:
 
     def setup(self):
         if self.podman("network", "exists", NETWORK, check=False).returncode:
-            self.podman("network", "create", "--subnet", SUBNET, "--gateway", GATEWAY, NETWORK)
-            self.created_network = True
+            created = self.podman("network", "create", "--subnet", SUBNET, "--gateway", GATEWAY, NETWORK, check=False)
+            self.created_network = created.returncode == 0
+            # another run of the suite may have created it meanwhile
+            assert self.podman("network", "exists", NETWORK, check=False).returncode == 0, created.stderr
 
     def teardown(self):
         for sock in Path(self.env["ANSIBLE_SSH_CONTROL_PATH_DIR"]).glob("*"):
@@ -167,12 +170,24 @@ class Lab:
             )
         shutil.rmtree(self.env["ANSIBLE_SSH_CONTROL_PATH_DIR"], ignore_errors=True)
         if self.created_network:
-            self.podman("network", "rm", NETWORK, check=False)
+            self.podman("network", "rm", NETWORK, check=False)  # refused while another run still uses it
 
-    def container(self, name, ip=None, foreign=True):
+    def container(self, name, ip=None, foreign=True, network=None):
+        """A fresh container ``<name>-<run>``, on pgit-net with ``network`` (or an ``ip``), else without one.
+
+        Names and addresses are per run (podman assigns the address; an ``ip`` only asks for the network):
+        two runs of the suite on one machine (a CI clone and a work tree) must not clobber each other.
+        """
+        name = f"{name}-{RUN}"
+        on_network = bool(ip) if network is None else network
         self.podman("rm", "-f", "-t", "0", name, check=False)  # a leftover of an interrupted run
-        network = ["--network", NETWORK, "--ip", ip] if ip else ["--network", "none"]
-        self.podman("run", "-d", "--name", name, "--hostname", name, *network, "--cap-add", "NET_ADMIN,NET_RAW", IMAGE)
+        attach = ["--network", NETWORK] if on_network else ["--network", "none"]
+        self.podman("run", "-d", "--name", name, "--hostname", name, *attach, "--cap-add", "NET_ADMIN,NET_RAW", IMAGE)
+        ip = None
+        if on_network:
+            ip = self.podman(
+                "inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{NETWORK}").IPAddress}}}}', name
+            ).stdout.strip()
         box = Box(self, name, ip)
         box.pid = self.podman("inspect", "-f", "{{.State.Pid}}", name).stdout.strip()
         box.sh("cat > /usr/local/sbin/ipset && chmod 755 /usr/local/sbin/ipset", input=IPSET_SHIM)
@@ -404,7 +419,7 @@ def podman_host(lab, box, backend):
 def core(lab, request, tmp_path_factory):
     """A fresh host per backend, managed with the podman connection."""
     backend = request.param
-    box = lab.container(f"pgit-core-{backend}", f"172.30.91.{11 + BACKENDS.index(backend)}")
+    box = lab.container(f"pgit-core-{backend}", network=True)
     box.backend = backend
     box.inventory = write_inventory(
         tmp_path_factory.mktemp(f"core-{backend}") / "hosts.yml", podman_host(lab, box, backend)
@@ -556,7 +571,7 @@ def test_iptables_without_ipset_falls_back_to_rules(lab, tmp_path):
     The ``ipset`` the module finds fails as it does on a kernel without ip_set; the foreign set of the
     fail2ban-like setup stays, read by the test through the real tool.
     """
-    box = lab.container("pgit-noipset", "172.30.91.13")
+    box = lab.container("pgit-noipset", network=True)
     try:
         box.sh(
             "cat > /usr/local/sbin/ipset",
@@ -677,7 +692,7 @@ def test_boot_loader_loads_persisted_ruleset_or_falls_back(lab, core, tmp_path):
 # ------------------------------------------------------------------ legacy iptables next to nftables
 def test_legacy_iptables_conflict_is_refused(lab, tmp_path):
     """Legacy (x_tables) rules next to nf_tables: a clear error naming the conflict, nothing applied."""
-    box = lab.container("pgit-legacy", "172.30.91.31", foreign=False)
+    box = lab.container("pgit-legacy", network=True, foreign=False)
     try:
         box.sh("iptables-legacy -A INPUT -s 192.0.2.1 -j DROP")
         legacy = box.sh("iptables-legacy-save -t filter | grep '^-A'")
@@ -718,7 +733,7 @@ def can_connect(address, port=22, timeout=3.0):
 def ssh_host(lab, request, ssh_key, tmp_path_factory):
     """A host with sshd, managed over ssh to its address: the path its firewall can cut."""
     backend = request.param
-    box = lab.container(f"pgit-ssh-{backend}", f"172.30.91.{21 + BACKENDS.index(backend)}")
+    box = lab.container(f"pgit-ssh-{backend}", network=True)
     box.backend = backend
     box.sh("ssh-keygen -A >/dev/null && mkdir -p /run/sshd /root/.ssh && chmod 700 /root/.ssh")
     box.sh(
