@@ -303,7 +303,7 @@ def test_report_end_to_end(lab):
     assert summary["unused_by_owner"]["data"] == [
         {"flow": "app-cache", "service": "cache", "purpose": "Session cache", "hosts": ["db1"]}]
     assert [f["name"] for f in summary["expired"]] == ["legacy-ftp"]
-    text = task_result(data, "Show the port activity report", "app1")["msg"]
+    text = task_result(data, "Show the port activity report", "app1")["msg"].splitlines()
     print("\n".join(text))
     assert any("data: app-cache/cache on db1" in line for line in text)
     assert any("EXPIRED flow legacy-ftp" in line for line in text)
