@@ -83,7 +83,7 @@ class Flow:
     source_names: tuple[str, ...]
     targets: frozenset  # destination hosts
     services: tuple[Service, ...]
-    expires: datetime.date | None = None
+    expires: "datetime.date | None" = None
 
 
 def _as_list(value, path):
@@ -142,7 +142,7 @@ def host_addresses(host: str, hostvars: dict) -> tuple[str, ...]:
         address = facts.get("address") if isinstance(facts, dict) else None
         if address:
             path = f"{base}.{key}.address"
-            found, _, _ = parse_network(address, path, plain=True)
+            found, _unused, _unused = parse_network(address, path, plain=True)
             if found != family:
                 raise AddressError(path, f"IPv{found} address {address!r} where an IPv{family} address is expected")
             result.append(str(ipaddress.ip_address(address)))
@@ -533,8 +533,8 @@ class _Compiler:
             for family in FAMILIES:
                 starts = self._source_starts.get((id(flow), family))
                 if starts is None:  # computed once per flow, not once per egress host
-                    starts = self._source_starts[id(flow), family] = [lo for lo, _ in flow.sources[family]]
-                if any(address_in(flow.sources[family], starts, lo) for lo, _ in mine[family]):
+                    starts = self._source_starts[id(flow), family] = [lo for lo, _unused in flow.sources[family]]
+                if any(address_in(flow.sources[family], starts, lo) for lo, _unused in mine[family]):
                     matching.append((flow, family))
         # Hosts that are sources of the same flows get the same destinations, unless a host is one of
         # them (it is left out of its own): such whitelists are built once and shared, as for ingress.
@@ -571,7 +571,7 @@ def _ports_within(inner: frozenset, outer: frozenset) -> bool:
 
 
 def _intervals_within(inner, outer) -> bool:
-    starts = [lo for lo, _ in outer]
+    starts = [lo for lo, _unused in outer]
     for low, high in inner:
         index = bisect.bisect_right(starts, low) - 1
         if index < 0 or outer[index][1] < high:

@@ -217,7 +217,7 @@ def render_table(cells) -> str:
         table = [header]
         for proto, port, service in rows:
             line = [f"{service} {port}/{proto}"]
-            for _, src in sources:
+            for _unused, src in sources:
                 chosen = [c for c in items if c["src"] == src and c["port"] == port and c["proto"] == proto]
                 line.append(_mark(chosen) or "-")
             table.append(line)
@@ -289,7 +289,7 @@ def to_html(cells, problems, counters, title="portguard reachability") -> str:
         parts.append("</tr>")
         for proto, port, service in rows:
             parts.append(f"<tr><td class='svc'>{html.escape(service)} {port}/{proto}</td>")
-            for _, src in sources:
+            for _unused, src in sources:
                 chosen = sorted([c for c in items if c["src"] == src and c["port"] == port and c["proto"] == proto],
                                 key=lambda c: c["family"])
                 if not chosen:

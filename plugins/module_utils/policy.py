@@ -294,7 +294,7 @@ def disjoint_entries(family: int, proto: str, rects, labels: list[Label]) -> lis
     for addr_lo, addr_hi, port_lo, port_hi, label in rects:
         by_ports.setdefault((port_lo, port_hi), []).append((addr_lo, addr_hi, label))
     if len(by_ports) == 1:
-        ((port_lo, port_hi), items), = by_ports.items()
+        (port_lo, port_hi), items = next(iter(by_ports.items()))
         segments = [(port_lo, port_hi, merge_intervals(items))]
     else:
         cuts = sorted({p for lo, hi in by_ports for p in (lo, hi + 1)})
@@ -305,8 +305,8 @@ def disjoint_entries(family: int, proto: str, rects, labels: list[Label]) -> lis
                 continue
             merged = merge_intervals(items)
             last = segments[-1] if segments else None
-            if last and last[1] + 1 == start and [(lo, hi) for lo, hi, _ in last[2]] == [
-                    (low, high) for low, high, _ in merged]:
+            if last and last[1] + 1 == start and [(lo, hi) for lo, hi, _unused in last[2]] == [
+                    (low, high) for low, high, _unused in merged]:
                 for old, new in zip(last[2], merged):
                     old[2] |= new[2]
                 segments[-1] = (last[0], stop - 1, last[2])

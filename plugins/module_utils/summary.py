@@ -27,9 +27,9 @@ def host_row(policy, host: str) -> dict:
 
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """A fixed-width text table; ``columns`` are ``(key, heading)`` pairs."""
-    cells = [[heading for _, heading in columns]]
+    cells = [[heading for _unused, heading in columns]]
     for row in rows:
-        cells.append([_cell(row.get(key)) for key, _ in columns])
+        cells.append([_cell(row.get(key)) for key, _unused in columns])
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["  ".join(value.ljust(widths[i]) for i, value in enumerate(line)).rstrip() for line in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))

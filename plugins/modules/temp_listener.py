@@ -82,8 +82,8 @@ pid:
 
 import json
 import os
+import shlex
 import signal
-import subprocess
 import sys
 import time
 
@@ -165,11 +165,12 @@ def main():
     if os.path.exists(report):
         os.unlink(report)
     ports = [{"port": p["port"], "proto": p["proto"]} for p in module.params["ports"]]
-    subprocess.Popen(  # pylint: disable=consider-using-with
-        [sys.executable, "-c", LISTENER, json.dumps(ports), report, str(module.params["lifetime"])],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, close_fds=True,
-    )
+    # Detached (own session, no pipes back) so that it outlives this module; the shell returns at once.
+    argv = [sys.executable, "-c", LISTENER, json.dumps(ports), report, str(module.params["lifetime"])]
+    command = f"setsid {' '.join(shlex.quote(a) for a in argv)} </dev/null >/dev/null 2>&1 &"
+    rc, _out, err = module.run_command(command, use_unsafe_shell=True)
+    if rc != 0:
+        module.fail_json(msg=f"could not start the temporary listener: {err}")
     deadline = time.time() + 10
     while not os.path.exists(report):
         if time.time() > deadline:

@@ -21,15 +21,15 @@ from ansible_collections.portguard.hardening.plugins.module_utils.render_nftable
 # A fail2ban-like native table: a base chain of its own on the input hook,
 # banning an address the sample never uses.
 FOREIGN_NFT = """table inet f2b-table {
-	set addr-set-sshd {
-		type ipv4_addr
-		elements = { 198.51.100.7 }
-	}
+\tset addr-set-sshd {
+\t\ttype ipv4_addr
+\t\telements = { 198.51.100.7 }
+\t}
 
-	chain f2b-chain {
-		type filter hook input priority filter - 1; policy accept;
-		tcp dport 22 ip saddr @addr-set-sshd reject with icmp port-unreachable
-	}
+\tchain f2b-chain {
+\t\ttype filter hook input priority filter - 1; policy accept;
+\t\ttcp dport 22 ip saddr @addr-set-sshd reject with icmp port-unreachable
+\t}
 }
 """
 # What Docker and a hand-made INPUT rule leave in iptables. No sampled packet

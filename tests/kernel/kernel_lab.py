@@ -62,7 +62,7 @@ def require(*tools: str, root: bool = True) -> None:
 
 
 def run(*command: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, input=input, capture_output=True, text=True)
+    result = subprocess.run(command, input=input, capture_output=True, text=True, check=False)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()}")
     return result
@@ -91,7 +91,7 @@ def _catalog_ports(variables: dict) -> set[int]:
     ports = set()
     for spec in (variables.get("portguard_services") or {}).values():
         for part in spec["port"] if isinstance(spec["port"], list) else [spec["port"]]:
-            low, _, high = str(part).partition("-")
+            low, _unused, high = str(part).partition("-")
             low, high = int(low), int(high or low)
             ports.update({low, high} if low == high else {low - 1, low, (low + high) // 2, high, high + 1})
     return {port for port in ports if 0 < port < 65536}

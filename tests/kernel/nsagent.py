@@ -58,7 +58,7 @@ def listen(ports: list[int]) -> None:
     selector.register(sys.stdin, selectors.EVENT_READ, None)
     print("ready", flush=True)
     while True:
-        for key, _ in selector.select():
+        for key, _unused in selector.select():
             if key.data is None:
                 if not sys.stdin.readline():
                     return
@@ -66,10 +66,10 @@ def listen(ports: list[int]) -> None:
             sock = key.fileobj
             try:
                 if key.data == socket.SOCK_STREAM:
-                    conn, _ = sock.accept()
+                    conn, _unused = sock.accept()
                     conn.close()
                 else:
-                    data, ancillary, _, peer = sock.recvmsg(2048, 256)
+                    data, ancillary, _unused, peer = sock.recvmsg(2048, 256)
                     sock.sendmsg([data], ancillary, 0, peer)  # the packet info names the source
             except OSError:
                 pass  # a peer gone or unreachable must not stop the listener
@@ -121,10 +121,10 @@ def _finish(sock: socket.socket, proto: str) -> str | None:
     if code:
         return _errno_name(code)
     try:
-        _, ancillary, _, _ = sock.recvmsg(0, 512, socket.MSG_ERRQUEUE)
+        _unused, ancillary, _unused, _unused = sock.recvmsg(0, 512, socket.MSG_ERRQUEUE)
     except BlockingIOError:
         return "open"
-    for _, _, data in ancillary:  # struct sock_extended_err starts with ee_errno
+    for _unused, _unused, data in ancillary:  # struct sock_extended_err starts with ee_errno
         return _errno_name(struct.unpack_from("=I", data)[0])
     return "open"
 
@@ -156,8 +156,8 @@ def probe(request: dict) -> list[str]:
             active[index] = (sock, time.monotonic() + timeouts[proto])
         if not active:
             continue
-        wait = max(0.0, min(deadline for _, deadline in active.values()) - time.monotonic())
-        for key, _ in selector.select(wait):
+        wait = max(0.0, min(deadline for _unused, deadline in active.values()) - time.monotonic())
+        for key, _unused in selector.select(wait):
             index, proto = key.data
             state = _finish(key.fileobj, proto)
             if state is not None:

@@ -53,7 +53,7 @@ def generated_inventory(seed: int):
     networks = {}
     for index in range(4):
         entries = []
-        for _ in range(rng.randrange(1, 3)):
+        for _unused in range(rng.randrange(1, 3)):
             network = rng.choice([v4, v6])()
             entries.append(str(network))
             if rng.random() < 0.5:  # the next block of the same size: together often a range, not a CIDR
@@ -105,7 +105,7 @@ def generated():
 @pytest.fixture(scope="module")
 def generated_lab(generated):
     require("ip", "nft", "sysctl")
-    lab = NetLab(merge_samples(sample for _, sample in generated.values()))
+    lab = NetLab(merge_samples(sample for _unused, sample in generated.values()))
     try:
         lab.setup()
         lab.become(TARGET)
@@ -117,7 +117,7 @@ def generated_lab(generated):
 
 def test_generated_catalogs_cover_what_the_example_does_not(generated):
     """Guards the generator: the seeds must still produce the shapes this module is about."""
-    policies = [policy.host(TARGET) for policy, _ in generated.values()]
+    policies = [policy.host(TARGET) for policy, _unused in generated.values()]
     iptables = "".join(render_iptables(p).ipv4 + render_iptables(p).ipv6 for p in policies)
     nftables = "".join(render_nftables(p) for p in policies)
     assert "--src-range" in iptables, "no address range that is not a CIDR"
@@ -127,7 +127,7 @@ def test_generated_catalogs_cover_what_the_example_does_not(generated):
                                          for line in iptables.splitlines() if " --dport " in line), "no port range"
     assert "-p udp" in iptables and "fd71:" in iptables, "no UDP or no IPv6 network"
     assert "drop" in nftables and "reject" in nftables, "not both deny verdicts"
-    assert all(policy.expired for policy, _ in generated.values()), "the expired flow was not reported"
+    assert all(policy.expired for policy, _unused in generated.values()), "the expired flow was not reported"
     with_sets = [render_iptables(p, ipset=True) for p in policies]
     assert any(re.search(r",(tcp|udp):\d+-\d+ ", r.ipset) for r in with_sets), "no port range in a set"
     assert all("--dport 40000:40100" in r.ipv4 and "--match-set portguard-in4" in r.ipv4 for r in with_sets), \

@@ -49,7 +49,7 @@ def test_validation_case(case):
     if "error" in case:
         with pytest.raises(errors.CatalogError) as info:
             compile_all(catalog, groups, hostvars, today, case.get("controller", ()))
-        assert type(info.value) is getattr(errors, case["error"]), str(info.value)
+        assert info.value.__class__ is getattr(errors, case["error"]), str(info.value)
         assert info.value.path == case["path"], str(info.value)
         assert case.get("message", "") in info.value.message
         assert str(info.value).startswith(f"{case['path']}: ")

@@ -210,7 +210,7 @@ class Reference:
             protos = spec["proto"] if isinstance(spec["proto"], list) else [spec["proto"]]
             items = spec["port"] if isinstance(spec["port"], list) else [spec["port"]]
             for item in items:
-                low, _, high = str(item).partition("-")
+                low, _unused, high = str(item).partition("-")
                 for port in range(int(low), int(high or low) + 1):
                     result.update((proto, port) for proto in protos)
         return result
@@ -225,7 +225,7 @@ class Reference:
         if not self.hostvars[host]["portguard_egress"]:
             return True
         mine = [ipaddress.ip_address(a) for a in self.hostvars[host]["portguard_addresses"]]
-        for _, networks, targets, ports in self.flows:
+        for _unused, networks, targets, ports in self.flows:
             if (proto, port) not in ports:
                 continue
             if not any(a.version == dst.version and any(a in net for net in networks) for a in mine):
@@ -253,11 +253,11 @@ def boundaries(policy, reference):
         for entry in (*host_policy.ingress, *host_policy.egress):
             addresses[entry.family].update((entry.addr_lo - 1, entry.addr_lo, entry.addr_hi, entry.addr_hi + 1))
             ports.update((entry.port_lo - 1, entry.port_lo, entry.port_hi, entry.port_hi + 1))
-    for _, networks, _, flow_ports in reference.flows:
+    for _unused, networks, _unused, flow_ports in reference.flows:
         for net in networks:
             low, high = int(net.network_address), int(net.broadcast_address)
             addresses[net.version].update((low - 1, low, high, high + 1))
-        for _, port in flow_ports:
+        for _unused, port in flow_ports:
             ports.update((port - 1, port, port + 1))
     texts = []
     for family, cls, top in ((4, ipaddress.IPv4Address, 2**32 - 1), (6, ipaddress.IPv6Address, 2**128 - 1)):
@@ -296,8 +296,8 @@ def test_every_entry_is_justified_by_its_labels(generated):
     for host in sorted(policy.hosts):
         for entry in policy.host(host).ingress:
             cls = ipaddress.IPv4Address if entry.family == 4 else ipaddress.IPv6Address
-            for addr in {entry.addr_lo, entry.addr_hi}:
-                for port in {entry.port_lo, entry.port_hi}:
+            for addr in (entry.addr_lo, entry.addr_hi):
+                for port in (entry.port_lo, entry.port_hi):
                     why = reference.why_in(str(cls(addr)), host, port, entry.proto)
                     assert {label.flow for label in entry.labels} & why, (host, entry)
 
@@ -324,5 +324,5 @@ def test_scramble_really_reorders():
     rng = random.Random(1)
     catalog = {"portguard_networks": {"a": ["10.0.0.0/30", "10.0.0.8/30", "fd00::/126"]}, "portguard_services": {},
                "portguard_flows": []}
-    seen = {tuple(scramble(catalog, {}, {}, rng)[0]["portguard_networks"]["a"]) for _ in range(20)}
+    seen = {tuple(scramble(catalog, {}, {}, rng)[0]["portguard_networks"]["a"]) for _unused in range(20)}
     assert len(seen) > 1

@@ -120,8 +120,8 @@ def test_ports_of_one_source_are_grouped_in_multiport_chunks():
 
 
 def test_comment_is_cut_at_256_bytes_never_mid_character():
-    services = {"ssh": {"port": 22}, **{f"s{index}": {"port": 100 + index, "purpose": "Überwachung €" * 3}
-                                          for index in range(8)}}
+    services = {"ssh": {"port": 22},
+                **{f"s{index}": {"port": 100 + index, "purpose": "Überwachung €" * 3} for index in range(8)}}
     flows = [{"name": "flüsse", "from": "office", "to": "web1", "services": [f"s{index}" for index in range(8)]}]
     rules = accepts(render_iptables(policy_for(flows, services)).ipv4)
     comment = re.search(r'--comment "([^"]*)"', next(rule for rule in rules if "10.20.0.0/16" in rule)).group(1)
@@ -172,8 +172,8 @@ def test_ipset_payload_fills_new_sets_and_swaps_them_in():
     ruleset = render_iptables(policy_for(portguard_egress=True), ipset=True)
     commands = [line.split()[:2] for line in ruleset.ipset.splitlines() if not line.startswith(("#", "add "))]
     names = ["portguard-in4", "portguard-in6", "portguard-out4", "portguard-out6"]
-    assert commands == [c for name in names for c in (["create", f"{name}-new"], ["swap", f"{name}-new"],
-                                                       ["destroy", f"{name}-new"])]
+    expected = [c for name in names for c in (["create", f"{name}-new"], ["swap", f"{name}-new"], ["destroy", f"{name}-new"])]
+    assert commands == expected
     creates = set_lines(ruleset, "create")
     assert creates[0] == (f"create portguard-in4-new hash:net,port family inet hashsize 64 maxelem {SET_MAXELEM} "
                           "counters comment")
