@@ -1,20 +1,15 @@
 """Controller side of portguard.hardening.firewall.
 
-Compiles the catalog once per play (a cache shared by the forked workers,
-keyed on the catalog, the inventory and the task), renders this host's
-ruleset, and drives the host module: apply, then confirm over a fresh
-connection, or report the revert.
+Validates its arguments, compiles the catalog once per play (plugin_utils.compile_cache),
+renders this host's ruleset, and drives the host module: apply, then confirm over a fresh
+connection, or report the revert. ``state: absent`` compiles nothing: a broken catalog must not
+block the removal of the firewall.
 """
 
-import fcntl
-import gc
-import hashlib
 import ipaddress
-import json
-import os
-import pickle
+import shlex
 import socket
-import tempfile
+import subprocess
 import time
 
 from ansible.errors import AnsibleActionFail, AnsibleConnectionFailure
@@ -22,85 +17,100 @@ from ansible.plugins.action import ActionBase
 
 from ansible_collections.portguard.hardening.plugins.module_utils.catalog import (
     NETWORK_CONNECTIONS,
-    catalog_vars,
-    compile_catalog,
-    select_hostvars,
+    ROLLBACK_TIMEOUT_RANGE,
 )
 from ansible_collections.portguard.hardening.plugins.module_utils.errors import LockoutError, PortguardError
-from ansible_collections.portguard.hardening.plugins.module_utils.policy import gc_paused
 from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import render_iptables
 from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import render_nftables
+from ansible_collections.portguard.hardening.plugins.module_utils.validate import parse_choice, parse_int
+from ansible_collections.portguard.hardening.plugins.plugin_utils.compile_cache import compiled_policy
 
-ARGS = {"state", "persist", "rollback_timeout", "backend", "confirm", "controller_addresses"}
-CACHE_MAX_AGE = 3600
-
-
-def _plain(value):
-    return json.loads(json.dumps(value, default=str))
-
-
-def _cache_dir():
-    path = os.path.join(tempfile.gettempdir(), f"portguard-cache-{os.getuid()}")
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    return path
-
-
-def compiled_policy(task_vars, cache_scope):
-    """The compiled catalog, once per play: the first worker compiles, the others load its result."""
-    policy = _load_or_compile(task_vars, cache_scope)
-    # A worker process runs one task for one host: the compiled catalog lives until it exits.
-    # Frozen, it is left out of the garbage collector's later passes over this worker's heap
-    # (the module runs and their results allocate a lot); reference counting still frees objects.
-    gc.freeze()
-    return policy
+BACKEND_CHOICES = ("auto", "nftables", "iptables")
+# The same options as the DOCUMENTATION of plugins/modules/firewall.py (the action's arguments).
+ARGUMENT_SPEC = {
+    "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
+    "persist": {"type": "bool", "default": True},
+    "rollback_timeout": {"type": "int"},
+    "backend": {"type": "str", "choices": list(BACKEND_CHOICES)},
+    "confirm": {"type": "bool", "default": True},
+    "controller_addresses": {"type": "list", "elements": "str"},
+}
+SSH_TRANSPORTS = ("ssh", "ansible.builtin.ssh")
 
 
-def _load_or_compile(task_vars, cache_scope):
-    groups = _plain({name: list(members) for name, members in task_vars["groups"].items()})
-    variables = _plain(catalog_vars(task_vars))
-    key_data = json.dumps([cache_scope, variables, groups], sort_keys=True)
-    key = hashlib.sha256(key_data.encode()).hexdigest()
-    directory = _cache_dir()
-    path = os.path.join(directory, f"{key}.pickle")
-    with open(os.path.join(directory, f"{key}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.exists(path):
-            # Without the collector: tens of thousands of objects, no cycles (10,000-entry catalog: 42 -> 26 ms)
-            with open(path, "rb") as handle, gc_paused():
-                return pickle.load(handle)  # noqa: S301 - our own file, in a 0700 directory of this user
-        hostvars = _plain(select_hostvars(task_vars["hostvars"], groups.get("all", [])))
-        policy = compile_catalog(variables, groups, hostvars)
-        fd, tmp = tempfile.mkstemp(dir=directory)
-        with os.fdopen(fd, "wb") as handle:
-            pickle.dump(policy, handle)
-        os.replace(tmp, path)
-        for name in os.listdir(directory):
-            stale = os.path.join(directory, name)
-            if time.time() - os.path.getmtime(stale) > CACHE_MAX_AGE:
-                os.unlink(stale)
-        return policy
+def _refuse(message):
+    raise AnsibleActionFail(f"portguard.hardening.firewall: {message}; no host was changed")
 
 
 class ActionModule(ActionBase):
     TRANSFERS_FILES = False
-    _VALID_ARGS = frozenset(ARGS)
+    _VALID_ARGS = frozenset(ARGUMENT_SPEC)
 
     def _module(self, task_vars, **args):
         return self._execute_module(module_name="portguard.hardening.firewall", module_args=args,
                                     task_vars=task_vars)
 
-    def _controller_addresses(self, task_vars, inspected):
-        configured = self._task.args.get("controller_addresses")
+    def _arguments(self, network):
+        """The task's arguments, typed and within bounds, or a refusal that names the argument."""
+        raw = self._task.args.get("controller_addresses")
+        if raw is not None and not isinstance(raw, list):
+            # validate_argument_spec would split a string on commas: "10.0.0.5" must be a list
+            _refuse(f"controller_addresses must be a list of IP addresses, got {type(raw).__name__} {raw!r}")
+        args = self.validate_argument_spec(ARGUMENT_SPEC)[1]
+        timeout = args["rollback_timeout"]
+        low, high = ROLLBACK_TIMEOUT_RANGE
+        if timeout is not None and not low <= timeout <= high:
+            _refuse(f"rollback_timeout {timeout} is out of range {low}-{high} (seconds)")
+        addresses = args["controller_addresses"]
+        for index, address in enumerate(addresses or ()):
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                _refuse(f"controller_addresses[{index}]: {address!r} is not an IP address")
+        if network and addresses == []:
+            _refuse("controller_addresses: [] would turn the lockout check off on a network connection; "
+                    "give the addresses the host sees the controller connect from")
+        if network and not args["confirm"] and addresses is None:
+            _refuse("confirm: false needs controller_addresses: without a confirmation nothing reverts a lockout, "
+                    "so the addresses the lockout check protects must be given, not guessed")
+        return args
+
+    def _connection_port(self):
+        """The port this connection really uses: its options (ansible_port, ansible_ssh_port, remote_port, ...),
+        else, for ssh, what the ssh client resolves from its configuration (``Port`` in ~/.ssh/config)."""
+        connection = self._connection
+        port = connection.get_option("port") if connection.has_option("port") else None
+        if port is None and connection.transport in SSH_TRANSPORTS:
+            port = self._ssh_config_port()
+        return int(port or 22)
+
+    def _ssh_config_port(self):
+        connection = self._connection
+        argv = [connection.get_option("ssh_executable") or "ssh", "-G"]
+        for name in ("ssh_args", "ssh_common_args", "ssh_extra_args"):
+            argv += shlex.split(connection.get_option(name) or "")
+        if connection.get_option("remote_user"):
+            argv += ["-l", connection.get_option("remote_user")]
+        argv += ["--", connection.get_option("host") or self._play_context.remote_addr]
+        try:
+            resolved = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        for line in resolved.splitlines():
+            name, _sep, value = line.partition(" ")
+            if name == "port" and value.isdigit():
+                return int(value)
+        return None
+
+    def _controller_addresses(self, configured, network, inspected, port):
         if configured is not None:
             return list(configured)
-        connection = task_vars.get("ansible_connection", "ssh")
-        if connection not in NETWORK_CONNECTIONS:
+        if not network:
             return []
         found = set()
         if inspected and inspected.get("controller_address"):
             found.add(inspected["controller_address"])
         remote = self._connection.get_option("host") if self._connection.has_option("host") else None
-        port = task_vars.get("ansible_port", 22)
         try:
             for family, _type, _proto, _name, sockaddr in socket.getaddrinfo(remote, port, proto=socket.IPPROTO_UDP):
                 with socket.socket(family, socket.SOCK_DGRAM) as probe:
@@ -113,37 +123,47 @@ class ActionModule(ActionBase):
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
         task_vars = task_vars or {}
-        args = self._task.args
         host = task_vars["inventory_hostname"]
-        state = args.get("state", "present")
-        persist = bool(args.get("persist", True))
+        network = task_vars.get("ansible_connection", "ssh") in NETWORK_CONNECTIONS
+        args = self._arguments(network)
+        state, persist = args["state"], args["persist"]
+        if state == "absent":
+            return self._remove(result, task_vars, args)
         try:
             policy = compiled_policy(task_vars, [self._task._uuid, self._play_context.check_mode])
             host_policy = policy.host(host)
         except PortguardError as exc:
             raise AnsibleActionFail(f"portguard catalog refused, no host was changed: {exc}") from exc
         settings = host_policy.settings
-        backend = args.get("backend") or settings.backend
-        timeout = int(args.get("rollback_timeout") or settings.rollback_timeout)
+        backend = args["backend"] or settings.backend
+        timeout = args["rollback_timeout"] or settings.rollback_timeout
         inspected = None
         # iptables needs the facts too: whether the host can hold ipsets.
-        if backend in ("auto", "iptables") or task_vars.get("ansible_connection", "ssh") in NETWORK_CONNECTIONS:
+        if backend in ("auto", "iptables") or network:
             inspect = self._module(task_vars, phase="inspect")
             if inspect.get("failed"):
                 return inspect
             inspected = inspect["host_facts"]
             if backend == "auto":
                 backend = "nftables" if inspected["nft_usable"] else "iptables"
-        controller = self._controller_addresses(task_vars, inspected)
+        port = self._connection_port() if network else None
+        controller = self._controller_addresses(args["controller_addresses"], network, inspected, port)
+        if network and args["controller_addresses"] is None and not inspected.get("controller_address"):
+            result.setdefault("warnings", []).append(
+                "the host found no SSH_CONNECTION in the module's process or its ancestors: the controller "
+                "addresses come only from the controller's route to the host, which NAT would hide; give "
+                "controller_addresses where the host sees the controller under another address")
         try:
-            host_policy = policy.host(host, controller_addresses=controller)
+            host_policy = policy.host(host, controller_addresses=controller, controller_port=port)
         except PortguardError as exc:
             raise AnsibleActionFail(f"portguard catalog refused, no host was changed: {exc}") from exc
-        port = int(task_vars.get("ansible_port", 22))
         for address in controller:
             if not host_policy.allowed_in(address, port, "tcp"):
                 raise AnsibleActionFail(str(LockoutError(
                     "controller_addresses", f"the ruleset would block the controller {address} on port {port}")))
+        result["controller_port"] = port
+        if network:
+            result["controller_address_seen_by_host"] = inspected.get("controller_address")
         if backend == "nftables":
             ruleset, fallback = render_nftables(host_policy), render_nftables(host_policy.management_only())
         else:
@@ -152,23 +172,45 @@ class ActionModule(ActionBase):
             use_ipset = bool(inspected and inspected.get("ipset"))
             ruleset = render_iptables(host_policy, ipset=use_ipset).as_dict()
             fallback = render_iptables(host_policy.management_only()).as_dict()
-            if not use_ipset and state == "present":
+            if not use_ipset:
                 result.setdefault("warnings", []).append(
                     "no usable ipset on this host (the ipset tool or the kernel's ip_set is missing): the iptables "
                     "whitelist falls back to one rule per source, whose per-packet cost grows with the catalog")
+        result["controller_addresses"] = controller
+        result["findings"] = [f.as_dict() for f in policy.findings]
+        result["expired_flows"] = policy.expired
+        return self._apply(result, task_vars, backend, ruleset, fallback, state, persist, timeout, args["confirm"])
+
+    def _remove(self, result, task_vars, args):
+        """``state: absent`` from the host's own settings only: removing the firewall needs no valid catalog."""
+        host = task_vars["inventory_hostname"]
+        variables = task_vars["hostvars"][host]
+        try:
+            backend = args["backend"] or parse_choice(variables.get("portguard_backend", "auto"),
+                                                      f"hostvars.{host}.portguard_backend", BACKEND_CHOICES)
+            timeout = args["rollback_timeout"] or parse_int(variables.get("portguard_rollback_timeout", 30),
+                                                            f"hostvars.{host}.portguard_rollback_timeout",
+                                                            *ROLLBACK_TIMEOUT_RANGE)
+        except PortguardError as exc:
+            raise AnsibleActionFail(f"portguard setting refused, no host was changed: {exc}") from exc
+        if backend == "auto":
+            inspect = self._module(task_vars, phase="inspect")
+            if inspect.get("failed"):
+                return inspect
+            backend = "nftables" if inspect["host_facts"]["nft_usable"] else "iptables"
+        return self._apply(result, task_vars, backend, None, None, "absent", args["persist"], timeout,
+                           args["confirm"])
+
+    def _apply(self, result, task_vars, backend, ruleset, fallback, state, persist, timeout, confirm):
         applied = self._module(task_vars, phase="apply", backend=backend, ruleset=ruleset, fallback=fallback,
-                               state=state, rollback_timeout=timeout, persist=persist,
-                               arm_rollback=bool(args.get("confirm", True)))
+                               state=state, rollback_timeout=timeout, persist=persist, arm_rollback=confirm)
         warnings = result.get("warnings", [])
         result.update(applied)
         if warnings:
             result["warnings"] = warnings + list(applied.get("warnings") or [])
         result["backend"] = backend
-        if backend == "iptables":
+        if backend == "iptables" and ruleset is not None:
             result["iptables_whitelist"] = "ipset" if ruleset.get("ipset") else "rules"
-        result["controller_addresses"] = controller
-        result["findings"] = [f.as_dict() for f in policy.findings]
-        result["expired_flows"] = policy.expired
         if applied.get("failed") or not applied.get("token"):
             return result
         confirmed = self._confirm(task_vars, applied["token"], backend, ruleset, fallback, state, persist, timeout)
@@ -197,6 +239,10 @@ class ActionModule(ActionBase):
                 error = reply.get("msg")
                 time.sleep(1)
                 continue
+            if reply.get("persistence_error"):
+                # Live and confirmed, only the boot copy failed: say exactly that, not "refused".
+                return {"failed": True, "changed": True, "state": "confirmed", "msg": reply.get("msg"),
+                        "persistence_error": reply["persistence_error"]}
             if reply.get("failed"):
                 return {"failed": True, "changed": False, "msg": f"confirmation refused by the host: {reply.get('msg')}"}
             return {"changed": True, "state": "confirmed", "persistence": reply.get("persistence")}

@@ -6,13 +6,11 @@ and JUnit reports on the controller and fails on what ``fail_on`` names.
 """
 
 import os
-import re
 import tempfile
 
 from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
 
-from ansible_collections.portguard.hardening.plugins.action.firewall import compiled_policy
 from ansible_collections.portguard.hardening.plugins.module_utils.audit import (
     FAIL_ON,
     LISTS,
@@ -24,6 +22,10 @@ from ansible_collections.portguard.hardening.plugins.module_utils.audit import (
     violations,
 )
 from ansible_collections.portguard.hardening.plugins.module_utils.errors import PortguardError
+from ansible_collections.portguard.hardening.plugins.module_utils.report import (
+    report_file_name as _file_name,  # one distinct, safe file name per host; port_report imports it from here
+)
+from ansible_collections.portguard.hardening.plugins.plugin_utils.compile_cache import compiled_policy
 
 ARGUMENT_SPEC = {
     "fail_on": {"type": "list", "elements": "str", "choices": list(FAIL_ON), "default": []},
@@ -31,11 +33,6 @@ ARGUMENT_SPEC = {
     "listeners": {"type": "list", "elements": "dict"},
 }
 DEFAULT_REPORT_DIR = "portguard-reports"
-
-
-def _file_name(host: str) -> str:
-    # Inventory names may hold characters a file name should not (/, spaces).
-    return re.sub(r"[^A-Za-z0-9._-]", "_", host).lstrip(".") or "_"
 
 
 def _write(path: str, text: str):

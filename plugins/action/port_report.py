@@ -17,10 +17,10 @@ from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
 from ansible.utils.display import Display
 
-from ansible_collections.portguard.hardening.plugins.action.firewall import compiled_policy
 from ansible_collections.portguard.hardening.plugins.action.port_audit import DEFAULT_REPORT_DIR, _file_name, _write
 from ansible_collections.portguard.hardening.plugins.module_utils import report as reporting
 from ansible_collections.portguard.hardening.plugins.module_utils.errors import PortguardError
+from ansible_collections.portguard.hardening.plugins.plugin_utils.compile_cache import compiled_policy
 
 ARGUMENT_SPEC = {
     "report_dir": {"type": "path"},
@@ -32,6 +32,9 @@ ARGUMENT_SPEC = {
     "summarize": {"type": "bool", "default": False},
     "reports": {"type": "list", "elements": "dict"},
 }
+
+# Bounds of the integer arguments (validate_argument_spec checks only their type).
+BOUNDS = {"unusual_threshold": (1, 1_000_000), "expiring_days": (0, 3650)}
 
 display = Display()
 
@@ -58,6 +61,9 @@ class ActionModule(ActionBase):
         result = super().run(tmp, task_vars)
         task_vars = task_vars or {}
         args = self.validate_argument_spec(ARGUMENT_SPEC)[1]
+        for name, (low, high) in BOUNDS.items():
+            if not low <= args[name] <= high:
+                raise AnsibleActionFail(f"port_report: {name} {args[name]} is out of range {low}-{high}")
         report_dir = args.get("report_dir") or task_vars.get("portguard_report_dir") or DEFAULT_REPORT_DIR
         directory = os.path.join(os.path.abspath(os.path.expanduser(str(report_dir))), "report")
         try:

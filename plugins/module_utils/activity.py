@@ -6,6 +6,11 @@ from journald's kernel log where ``/dev/kmsg`` is not readable. A container
 usually has neither, and the kernel drops the log of a non-init network
 namespace unless ``net.netfilter.nf_log_all_netns=1`` on the machine: such
 hosts are reported from their counters alone.
+
+Kernel records carry text that users choose (a segfault line ends with the name
+of the crashing file; root may write records to /dev/kmsg, which the kernel files
+under the user facility): a record counts only when it comes from the kernel
+facility and its message starts with our prefix.
 """
 
 import errno
@@ -18,6 +23,7 @@ import subprocess
 import time
 
 TABLE = "portguard"
+KERNEL_FACILITY = 0
 KMSG = "/dev/kmsg"
 STATE_DIR = "/run/portguard"
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
@@ -144,13 +150,13 @@ def parse_log_message(message: str, prefix: str):
     """One ``LOG``/``log`` line of a denied packet, or None when it is not ours.
 
     The kernel writes ``<prefix>IN=eth0 OUT= MAC=... SRC=... DST=... ... PROTO=TCP SPT=.. DPT=..``
-    (IPv6 addresses fully expanded); ICMP lines carry TYPE and CODE instead of ports.
+    (IPv6 addresses fully expanded); ICMP lines carry TYPE and CODE instead of ports. The prefix
+    anywhere else in a line is text someone else wrote.
     """
-    start = message.find(prefix)
-    if start < 0:
+    if not message.startswith(prefix):
         return None
     fields = {}
-    for key, value in _FIELD_RE.findall(message[start + len(prefix):]):
+    for key, value in _FIELD_RE.findall(message[len(prefix):]):
         fields.setdefault(key, value)  # the first LEN-like repeat wins; the IP header comes first
     if "SRC" not in fields or "DST" not in fields or "PROTO" not in fields:
         return None
@@ -168,14 +174,19 @@ def parse_log_message(message: str, prefix: str):
 
 
 def parse_kmsg_record(record: str):
-    """``(sequence, microseconds since boot, message)`` of one /dev/kmsg record, or None."""
+    """``(facility, sequence, microseconds since boot, message)`` of one /dev/kmsg record, or None.
+
+    A record is ``<priority>,<sequence>,<microseconds>,<flags>[,...];<message>``; the facility is the
+    priority without its three level bits: ``KERNEL_FACILITY`` for the kernel's own records, another
+    one for what user space wrote to /dev/kmsg (the kernel never lets it claim the kernel's).
+    """
     header, sep, rest = record.partition(";")
     if not sep:
         return None
     parts = header.split(",")
-    if len(parts) < 3 or not parts[1].isdigit() or not parts[2].isdigit():
+    if len(parts) < 3 or not all(part.isdigit() for part in parts[:3]):
         return None
-    return int(parts[1]), int(parts[2]), rest.split("\n", 1)[0]
+    return int(parts[0]) >> 3, int(parts[1]), int(parts[2]), rest.split("\n", 1)[0]
 
 
 def _boot_id() -> str:
@@ -241,13 +252,14 @@ def read_kmsg(prefix: str, addresses=(), since=None, path: str = KMSG, not_befor
             parsed = parse_kmsg_record(record)
             if parsed is None:
                 continue
-            seq, usec, message = parsed
+            facility, seq, usec, message = parsed
             if first_seq is None:
                 first_seq = seq
             if after is not None and seq <= after:
                 continue
             last_seq = seq
-            groups.add(message, round(offset + usec / 1e6, 3))
+            if facility == KERNEL_FACILITY:
+                groups.add(message, round(offset + usec / 1e6, 3))
     finally:
         os.close(fd)
     # Records between the cursor and the oldest one still in the buffer were overwritten unread.
@@ -257,7 +269,8 @@ def read_kmsg(prefix: str, addresses=(), since=None, path: str = KMSG, not_befor
 
 def read_journal(prefix: str, addresses=(), since=None, not_before=None) -> dict:
     """Our log lines in journald's kernel log, after the ``since`` cursor."""
-    argv = ["journalctl", "-k", "-o", "json", "--no-pager", "-q", f"--grep={re.escape(prefix.strip())}"]
+    argv = ["journalctl", "-k", "-o", "json", "--no-pager", "-q", f"--grep={re.escape(prefix.strip())}",
+            f"SYSLOG_FACILITY={KERNEL_FACILITY}"]
     if since and since.get("source") == "journal" and since.get("cursor"):
         argv.append(f"--after-cursor={since['cursor']}")
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -271,9 +284,11 @@ def read_journal(prefix: str, addresses=(), since=None, not_before=None) -> dict
         except ValueError:
             continue
         message = entry.get("MESSAGE")
-        if not isinstance(message, str):
-            continue
         cursor = entry.get("__CURSOR", cursor)
+        # journald files every /dev/kmsg record as transport "kernel", with the record's own facility.
+        if not isinstance(message, str) or entry.get("SYSLOG_FACILITY") != str(KERNEL_FACILITY) \
+                or entry.get("_TRANSPORT") != "kernel":
+            continue
         groups.add(message, round(int(entry.get("__REALTIME_TIMESTAMP", "0")) / 1e6, 3))
     return groups.result("journal", {"source": "journal", "cursor": cursor}, lost=False)
 

@@ -21,7 +21,9 @@ address is one of ``portguard_addresses``: a bridge or VPN address is reachable
 from somewhere too.
 
 Renderers (JSON, JUnit XML, the failure table) are deterministic: the same
-audit renders to the same bytes.
+audit renders to the same bytes. Process names and command lines are chosen by
+whoever runs the process: the table and the JUnit file show every character
+that does not print as an escape (``printable``); JSON escapes them itself.
 """
 
 import ipaddress
@@ -30,6 +32,7 @@ import xml.etree.ElementTree as ET
 
 from ansible_collections.portguard.hardening.plugins.module_utils.errors import PortguardError
 from ansible_collections.portguard.hardening.plugins.module_utils.policy import FAMILY_NAMES, merge_intervals
+from ansible_collections.portguard.hardening.plugins.module_utils.printable import printable
 
 CONTROLLER_FLOW = "controller"  # catalog.CONTROLLER_FLOW: the Ansible connection, not a cataloged service
 FAIL_ON = ("unapproved", "overexposed", "not_listening")
@@ -280,6 +283,7 @@ def violation_table(host: str, found: list[dict]) -> str:
         address = item["address"] + (f"%{item['interface']}" if item.get("interface") else "")
         rows.append((host, f"{item['port']}/{item['proto']}", address, _process(item),
                      item.get("user") or "-", f"{item['why']}: {item['reason']}"))
+    rows = [tuple(printable(cell) for cell in row) for row in rows]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
     lines = []
     for row in [header, *rows]:
@@ -293,13 +297,15 @@ def audit_to_json(result) -> str:
 
 
 def _testcase(suite, host, name, failure=None, out=""):
-    case = ET.SubElement(suite, "testcase", {"classname": f"portguard.port_audit.{host}", "name": name})
+    # XML 1.0 has no escape for most control characters: they are shown as text escapes instead.
+    case = ET.SubElement(suite, "testcase", {"classname": printable(f"portguard.port_audit.{host}"),
+                                             "name": printable(name)})
     if failure is not None:
-        kind, message = failure
+        kind, message = failure[0], printable(failure[1])
         element = ET.SubElement(case, "failure", {"type": kind, "message": message})
         element.text = message
     if out:
-        ET.SubElement(case, "system-out").text = out
+        ET.SubElement(case, "system-out").text = printable(out)
     return failure is not None
 
 
@@ -315,7 +321,7 @@ def audit_to_junit(results_by_host: dict, fail_on=("unapproved",)) -> str:
     total_tests = total_failures = 0
     for host in sorted(results_by_host):
         result = results_by_host[host]
-        suite = ET.SubElement(root, "testsuite", {"name": host})
+        suite = ET.SubElement(root, "testsuite", {"name": printable(host)})
         tests = failures = 0
         listeners = sorted(result["approved"] + result["unapproved"] + result["loopback"], key=_sort_key)
         for item in listeners:

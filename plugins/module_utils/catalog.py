@@ -34,8 +34,11 @@ from ansible_collections.portguard.hardening.plugins.module_utils.policy import 
     merge_ranges,
 )
 from ansible_collections.portguard.hardening.plugins.module_utils.validate import (
+    check_host_target,
+    check_inventory_name,
     check_name,
     check_text,
+    key_path,
     looks_like_address,
     parse_bool,
     parse_choice,
@@ -65,6 +68,7 @@ CONTROLLER_FLOW = "controller"
 NETWORK_CONNECTIONS = ("ssh", "ansible.builtin.ssh", "paramiko", "paramiko_ssh", "ansible.builtin.paramiko_ssh",
                        "ansible.netcommon.libssh", "winrm", "ansible.builtin.winrm", "psrp", "ansible.builtin.psrp")
 _ANY = {4: [(0, 2**32 - 1)], 6: [(0, 2**128 - 1)]}
+ROLLBACK_TIMEOUT_RANGE = (5, 3600)  # seconds; the firewall action's rollback_timeout takes the same bounds
 
 
 @dataclass(frozen=True)
@@ -105,15 +109,42 @@ def _mapping(value, path, default=None):
 
 
 def _unknown_keys(item: dict, allowed: set, path: str):
-    extra = sorted(str(key) for key in item if key not in allowed)
+    extra = sorted((key for key in item if key not in allowed), key=str)
     if extra:
-        raise SchemaError(f"{path}.{extra[0]}", f"unknown key; expected one of {', '.join(sorted(allowed))}")
+        raise SchemaError(key_path(path, extra[0]), f"unknown key; expected one of {', '.join(sorted(allowed))}")
+
+
+def check_inventory(groups, hostvars) -> dict[str, list[str]]:
+    """The inventory's groups (members sorted), after checking every group and host name.
+
+    Host and group names reach rule comments, flow names and report file names, and
+    dynamic inventories (cloud tags, CMDB exports) let other people choose them: a bad
+    one refuses the whole play, even when no flow names it.
+    """
+    groups = _mapping(groups, "groups")
+    hostvars = _mapping(hostvars, "hostvars")
+    result, checked = {}, set()
+    for name, members in groups.items():
+        check_inventory_name(name, "group")
+        members = [] if members is None else members
+        if not isinstance(members, (list, tuple)):
+            raise SchemaError(key_path("groups", name), f"expected a list of inventory hosts, got {type_name(members)}")
+        for host in members:
+            if not isinstance(host, str) or host not in checked:  # a host is in several groups: checked once
+                checked.add(check_inventory_name(host, "host"))
+        result[name] = sorted(set(members))
+    for host, variables in hostvars.items():
+        if host not in checked:
+            check_inventory_name(host, "host")
+        if variables is not None and not isinstance(variables, dict):
+            _mapping(variables, key_path("hostvars", host))
+    return result
 
 
 def host_addresses(host: str, hostvars: dict) -> tuple[str, ...]:
     """The plain addresses that stand for ``host`` in flows (see DESIGN.md)."""
     variables = hostvars.get(host, {}) or {}
-    base = f"hostvars.{host}"
+    base = key_path("hostvars", host)
     if variables.get("portguard_addresses") is not None:
         raw = variables["portguard_addresses"]
         values = [raw] if isinstance(raw, str) else raw
@@ -126,11 +157,12 @@ def host_addresses(host: str, hostvars: dict) -> tuple[str, ...]:
         # address_text writes what str(ipaddress.ip_address()) writes; sorted as (version, address) sorts them
         return tuple(address_text(family, number) for family, number in sorted(parsed))
     ansible_host = variables.get("ansible_host")
-    if isinstance(ansible_host, str):
+    if ansible_host is not None:
         try:
             address = ipaddress.ip_address(ansible_host)
         except ValueError:
             address = None  # a hostname: the facts below say what it stands for
+            check_host_target(ansible_host, f"{base}.ansible_host")
         if address is not None:
             # The same checks as any other address: an IPv4-mapped IPv6 value
             # would render as IPv6 and never match the host's IPv4 traffic.
@@ -151,7 +183,7 @@ def host_addresses(host: str, hostvars: dict) -> tuple[str, ...]:
 
 def host_settings(host: str, hostvars: dict) -> HostSettings:
     variables = hostvars.get(host, {}) or {}
-    base = f"hostvars.{host}"
+    base = key_path("hostvars", host)
 
     def get(name, parse, *args):
         value = variables.get(name)
@@ -165,7 +197,7 @@ def host_settings(host: str, hostvars: dict) -> HostSettings:
         deny=get("portguard_deny", parse_choice, ("reject", "drop")),
         egress=get("portguard_egress", parse_bool),
         allow_ping=get("portguard_allow_ping", parse_bool),
-        rollback_timeout=get("portguard_rollback_timeout", parse_int, 5, 3600),
+        rollback_timeout=get("portguard_rollback_timeout", parse_int, *ROLLBACK_TIMEOUT_RANGE),
         log_rate=get("portguard_log_rate", parse_int, 1, 100000),
         log_burst=get("portguard_log_burst", parse_int, 1, 100000),
         log_prefix=get("portguard_log_prefix", parse_log_prefix),
@@ -182,7 +214,7 @@ class _Compiler:
         self.today = today
         self.findings: list[Finding] = []
         self.expired: list[dict] = []
-        self.groups = {str(name): sorted(set(members or [])) for name, members in (groups or {}).items()}
+        self.groups = check_inventory(groups, hostvars)
         all_hosts = set(self.groups.get("all", []))
         for members in self.groups.values():
             all_hosts.update(members)
@@ -193,11 +225,11 @@ class _Compiler:
         for host, settings in self.hosts.items():
             per_family = {4: [], 6: []}
             for address in settings.addresses:  # written by host_addresses: valid plain addresses
-                family, number = parse_network(address, f"hostvars.{host}", plain=True)[:2]
+                family, number = parse_network(address, key_path("hostvars", host), plain=True)[:2]
                 per_family[family].append((number, number))
             self.host_intervals[host] = per_family
             if not settings.addresses:
-                self.findings.append(Finding("warning", "host-without-address", f"hostvars.{host}",
+                self.findings.append(Finding("warning", "host-without-address", key_path("hostvars", host),
                                              f"host {host} has no address: flows from it render nothing"))
         self.controller = self._controller(controller_addresses or ())
         self.networks = self._networks()
@@ -227,7 +259,7 @@ class _Compiler:
     def _networks(self):
         raw = _mapping(self.variables.get("portguard_networks"), "portguard_networks")
         for name in raw:
-            path = f"portguard_networks.{name}"
+            path = key_path("portguard_networks", name)
             check_name(name, path, "network")
             if name in RESERVED:
                 raise AmbiguousNameError(path, f"{name!r} is reserved ('all' is every inventory host, 'any' every address)")
@@ -240,7 +272,7 @@ class _Compiler:
         def resolve(name, stack):
             if name in resolved:
                 return resolved[name]
-            path = f"portguard_networks.{name}"
+            path = key_path("portguard_networks", name)
             if name in stack:
                 cycle = " -> ".join([*stack[stack.index(name):], name])
                 raise NameCycleError(path, f"networks refer to each other in a loop: {cycle}")
@@ -278,7 +310,7 @@ class _Compiler:
         raw = _mapping(self.variables.get("portguard_services"), "portguard_services")
         services = {}
         for name, spec in raw.items():
-            path = f"portguard_services.{name}"
+            path = key_path("portguard_services", name)
             check_name(name, path, "service")
             spec = _mapping(spec, path)
             _unknown_keys(spec, SERVICE_KEYS, path)
@@ -489,24 +521,25 @@ class _Compiler:
                 entries.extend(disjoint_entries(family, proto, items, self.labels))
         return tuple(entries)
 
-    def _controller_rects(self, host, controller):
+    def _controller_rects(self, host, controller, port=None):
         variables = self.hostvars.get(host, {}) or {}
         if not any(controller[f] for f in FAMILIES):
             return {}
         connection = variables.get("ansible_connection", "ssh")
         if connection not in NETWORK_CONNECTIONS:
             return {}
-        port = parse_int(variables.get("ansible_port", 22), f"hostvars.{host}.ansible_port", 1, 65535)
+        if port is None:  # the action passes the connection's effective port
+            port = parse_int(variables.get("ansible_port", 22), f"{key_path('hostvars', host)}.ansible_port", 1, 65535)
         label = self._label(CONTROLLER_FLOW, Service("connection", (("tcp", port, port),), "Ansible controller", ""))
         return {(family, "tcp"): [(lo, hi, port, port, label) for lo, hi in controller[family]]
                 for family in FAMILIES}
 
-    def build(self, host: str, controller_addresses=None) -> HostPolicy:
+    def build(self, host: str, controller_addresses=None, controller_port=None) -> HostPolicy:
         if host not in self.hosts:
             raise UnknownNameError("inventory_hostname", f"{host!r} is not an inventory host")
         settings = self.hosts[host]
         controller = self.controller if controller_addresses is None else self._controller(controller_addresses)
-        controller_rects = self._controller_rects(host, controller)
+        controller_rects = self._controller_rects(host, controller, controller_port)
         # Hosts of one group usually get the same flows: their whitelists are built once and shared
         # (entries are immutable), which makes a play over many hosts cost about one build per group.
         flows = self.flows_to.get(host, [])

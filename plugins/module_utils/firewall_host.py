@@ -14,11 +14,13 @@ rollback timeout and, unless ``confirm`` removed the pending record first,
 restores the previous ruleset (or removes ours) and records why.
 """
 
+import contextlib
 import fcntl
 import ipaddress
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -40,6 +42,18 @@ LOADER_PATH = "/usr/local/sbin/portguard-load"
 SETS = {"portguard-in4": "inet", "portguard-in6": "inet6", "portguard-out4": "inet", "portguard-out6": "inet6"}
 SET_TYPE = "hash:net,port"
 SET_COMMENT_BYTES = 255
+# Every file persist() writes into PERSIST_DIR (both backends): state absent removes these and nothing else.
+PERSIST_FILES = ("ruleset.nft", "fallback.nft", "ruleset.ipset", "sets", "ruleset.ipv4", "ruleset.ipv6",
+                 "fallback.ipv4", "fallback.ipv6", "jumps")
+# Targets our iptables chains use; a payload that jumps anywhere else is refused.
+IPTABLES_TARGETS = {"ACCEPT", "DROP", "REJECT", "RETURN", "LOG", "NFLOG"}
+# Distribution units that load a whole firewall early at boot: ours runs after them and again when they
+# reload or restart (see unit_text). firewalld starts after sysinit.target, so it cannot be ordered before us.
+FIREWALL_UNITS = ("nftables.service", "netfilter-persistent.service", "ufw.service")
+# A record past its deadline by this much, whose revert process still has not acted, is stale.
+STALE_GRACE = 30
+# Tokens of confirmed changes remembered for a repeated confirm (a lost reply, then a retry).
+CONFIRMED_KEPT = 20
 
 _COUNTER_RE = re.compile(r"\s*counter packets \d+ bytes \d+")
 _ELEMENTS_RE = re.compile(r"elements = \{(.*?)\}", re.S)
@@ -60,7 +74,8 @@ class HostError(PortguardError):
 
 
 def run(argv, data=None, check=True):
-    proc = subprocess.run(argv, input=data, capture_output=True, text=True, check=False)
+    # Foreign rules may hold any bytes: a strict decode would crash on them. Ours are validated text.
+    proc = subprocess.run(argv, input=data, capture_output=True, text=True, errors="replace", check=False)
     if check and proc.returncode != 0:
         raise HostError(f"{' '.join(argv)} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
     return proc
@@ -209,6 +224,146 @@ def _element_problem(match, family):
     return None
 
 
+def check_iptables_payload(payload: str, where: str) -> None:
+    """Refuse an ``iptables-restore --noflush`` payload that does more than fill our chains.
+
+    The module can be called directly, so the host checks what the renderer promises: one
+    ``*filter`` table, declarations of our chains only, ``-A`` to our chains only, jumps to plain
+    targets (never to another chain), set matches on our sets only, then ``COMMIT``.
+    """
+    seen_table = committed = False
+    for number, line in enumerate(payload.splitlines(), 1):
+        problem = None
+        if not line.strip() or line.startswith("#"):
+            continue
+        if committed:
+            problem = "text after COMMIT"
+        elif not seen_table:
+            seen_table = line == "*filter"
+            problem = None if seen_table else "the payload must start with *filter (no other table)"
+        elif line == "COMMIT":
+            committed = True
+        elif line.startswith(":"):
+            if not re.fullmatch(r":(PORTGUARD-IN|PORTGUARD-OUT) - \[\d+:\d+\]", line):
+                problem = "declares a chain that is not ours"
+        elif line.startswith("-A "):
+            problem = _iptables_rule_problem(line)
+        else:
+            problem = "not a line portguard renders"
+        if problem:
+            raise HostError(f"refused {where} line {number} ({problem}): {line[:120]!r}")
+    if payload.strip() and not committed:
+        raise HostError(f"refused {where}: it does not end with COMMIT")
+
+
+def _iptables_rule_problem(line):
+    try:
+        words = shlex.split(line)
+    except ValueError as exc:
+        return f"unparsable: {exc}"
+    if len(words) < 2 or words[1] not in CHAINS:
+        return "appends to a chain that is not ours"
+    for index, word in enumerate(words):
+        following = words[index + 1] if index + 1 < len(words) else ""
+        if word in ("-t", "--table", "-g", "--goto") or word.startswith("--table="):
+            return f"{word} is not allowed"
+        if word in ("-j", "--jump") and following not in IPTABLES_TARGETS:
+            return f"jumps to {following!r}, not one of {sorted(IPTABLES_TARGETS)}"
+        if word == "--match-set" and following not in SETS:
+            return f"matches set {following!r}, not one of portguard's own sets"
+    return None
+
+
+def check_nft_payload(payload: str, where: str) -> None:
+    """Refuse nftables text that does anything outside ``table inet portguard``.
+
+    At the top level only ``table inet portguard``, ``delete table inet portguard`` and that table's
+    block; no ``include``. Scanned the way nft's lexer reads it (a quoted string runs to the next quote,
+    across lines too; ``#`` starts a comment outside strings), so that a brace, quote or ``#`` in a
+    string or comment cannot shift what counts as the top level.
+    """
+    depth, state = 0, "code"
+    tops, codes = [""], [""]  # per line: the text at the top level, and the code outside strings and comments
+    for char in payload:
+        if char == "\n":
+            state = "string" if state == "string" else "code"
+            tops.append("")
+            codes.append("")
+            continue
+        if state == "comment":
+            continue
+        if state == "string":
+            state = "code" if char == '"' else "string"
+            continue
+        if char == "#":
+            state = "comment"
+            continue
+        if char == '"':
+            state = "string"
+            char = " "
+        codes[-1] += char
+        if char == "}":
+            depth -= 1
+        if depth == 0:
+            tops[-1] += char
+        if char == "{":
+            depth += 1
+        if depth < 0:
+            raise HostError(f"refused {where} line {len(tops)} (unbalanced braces)")
+    lines = payload.splitlines()
+    for number, (top, code) in enumerate(zip(tops, codes), 1):
+        problem = None
+        if re.search(r"\binclude\b", code):
+            problem = "include is not allowed"
+        elif not re.fullmatch(rf"\s*((delete )?table inet {TABLE}|table inet {TABLE} \{{\}}?|\}})?\s*", top):
+            problem = f"only table inet {TABLE} may be written"
+        if problem:
+            raise HostError(f"refused {where} line {number} ({problem}): {lines[number - 1][:120]!r}")
+    if depth or state == "string":
+        raise HostError(f"refused {where}: unbalanced braces or quotes")
+
+
+def check_jumps(jumps, where: str) -> None:
+    """Only the jumps the renderer makes: INPUT to PORTGUARD-IN, OUTPUT to PORTGUARD-OUT."""
+    if not isinstance(jumps, list):
+        raise HostError(f"{where} must be a list of [builtin, chain] pairs")
+    for index, pair in enumerate(jumps):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and tuple(pair) in
+                {(builtin, chain) for chain, builtin in BUILTIN.items()}):
+            raise HostError(f"refused {where}[{index}] {pair!r}: only "
+                            + ", ".join(f"[{builtin}, {chain}]" for chain, builtin in BUILTIN.items()))
+    if len({tuple(pair) for pair in jumps}) != len(jumps):
+        raise HostError(f"refused {where}: a jump is listed twice")
+
+
+def check_ruleset(backend: str, value, where: str) -> None:
+    """A ruleset (or fallback) of the form ``backend`` takes, with payloads that touch only what is ours."""
+    if backend == "nftables":
+        if not isinstance(value, str):
+            raise HostError(f"{where} must be the rendered nftables text (a string), not {type(value).__name__}")
+        check_nft_payload(value, where)
+        return
+    if not isinstance(value, dict):
+        raise HostError(f"{where} must be a dict with ipv4, ipv6 and jumps (and ipset, sets), "
+                        f"not {type(value).__name__}")
+    unknown = sorted(set(value) - {"ipv4", "ipv6", "jumps", "ipset", "sets"})
+    missing = sorted({"ipv4", "ipv6", "jumps"} - set(value))
+    if unknown or missing:
+        raise HostError(f"{where}: unknown keys {unknown}, missing keys {missing}")
+    for key in ("ipv4", "ipv6", "ipset"):
+        if key in value and not isinstance(value[key], str) and not (key == "ipset" and value[key] is None):
+            raise HostError(f"{where}.{key} must be a string, not {type(value[key]).__name__}")
+    for family in ("ipv4", "ipv6"):
+        check_iptables_payload(value[family], f"{where}.{family}")
+    check_jumps(value["jumps"], f"{where}.jumps")
+    sets = value.get("sets") or []
+    if not isinstance(sets, list) or not all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(v, str) for v in pair)
+            for pair in sets):
+        raise HostError(f"{where}.sets must be a list of [name, family] pairs")
+    check_ipset_payload(value.get("ipset") or "", [tuple(pair) for pair in sets])
+
+
 def ipset_usable() -> bool:
     """The ipset tool is installed and the kernel has ip_set (``ipset list -n`` fails without it)."""
     return bool(shutil.which("ipset")) and run(["ipset", "list", "-n"], check=False).returncode == 0
@@ -252,6 +407,7 @@ class NftablesBackend:
         return normalize_nft(self.live()), normalize_nft(ruleset)
 
     def validate(self, ruleset):
+        check_ruleset(self.name, ruleset, "ruleset")
         with tempfile.NamedTemporaryFile("w", suffix=".nft", delete=False) as handle:
             handle.write(ruleset)
         try:
@@ -272,13 +428,13 @@ class NftablesBackend:
     def persist_files(self, ruleset, fallback) -> dict:
         return {"ruleset.nft": ruleset, "fallback.nft": fallback}
 
-    def loader(self) -> str:
+    def loader(self, persist_dir=PERSIST_DIR) -> str:
         return (
             "#!/bin/sh\n"
             "# portguard.hardening boot loader: the persisted ruleset, or the management-only fallback.\n"
-            f"if nft -f {PERSIST_DIR}/ruleset.nft; then exit 0; fi\n"
+            f"if nft -f {persist_dir}/ruleset.nft; then exit 0; fi\n"
             "echo 'portguard: persisted ruleset failed to load, loading the management-only fallback' >&2\n"
-            f"nft -f {PERSIST_DIR}/fallback.nft\n"
+            f"nft -f {persist_dir}/fallback.nft\n"
         )
 
 
@@ -335,8 +491,8 @@ class IptablesBackend:
         of our sets is tested only when that set exists (every run after the first); before, it is
         left out of the test. It is a fixed line of the renderer, the same on every host.
         """
+        check_ruleset(self.name, ruleset, "ruleset")
         payload, sets = ruleset.get("ipset") or "", [tuple(s) for s in ruleset.get("sets") or ()]
-        check_ipset_payload(payload, sets)
         if payload and not ipset_usable():
             raise HostError("the ruleset needs ipset, but the ipset tool or the kernel's ip_set is missing on this "
                             "host; nothing was changed")
@@ -357,8 +513,8 @@ class IptablesBackend:
 
     def apply_steps(self, ruleset) -> list:
         """Sets first (the rules reference them), then each family's chains and jumps, then stale chains and sets."""
+        check_ruleset(self.name, ruleset, "ruleset")
         sets = [tuple(s) for s in ruleset.get("sets") or ()]
-        check_ipset_payload(ruleset.get("ipset") or "", sets)
         steps = []
         if ruleset.get("ipset"):
             steps.append([["sh", "-c", _prepare_sets_script(sets)], None])
@@ -409,86 +565,150 @@ class IptablesBackend:
             "jumps": "".join(f"{builtin} {chain}\n" for builtin, chain in ruleset["jumps"]),
         }
 
-    def loader(self) -> str:
+    def loader(self, persist_dir=PERSIST_DIR) -> str:
         # The fallback is rendered without sets: it loads even where ipset fails.
         return (
             "#!/bin/sh\n"
             "# portguard.hardening boot loader: the persisted sets and rules, or the management-only fallback.\n"
             "load() {\n"
-            f"  if [ \"$1\" = ruleset ] && [ -s {PERSIST_DIR}/ruleset.ipset ]; then\n"
+            f"  if [ \"$1\" = ruleset ] && [ -s {persist_dir}/ruleset.ipset ]; then\n"
             "    while read -r name family; do\n"
             "      ipset destroy \"$name-new\" 2>/dev/null\n"
             "      ipset list -n \"$name\" >/dev/null 2>&1 ||\n"
             f"        ipset create \"$name\" {SET_TYPE} family \"$family\" counters comment || return 1\n"
-            f"    done < {PERSIST_DIR}/sets\n"
-            f"    ipset restore < {PERSIST_DIR}/ruleset.ipset || return 1\n"
+            f"    done < {persist_dir}/sets\n"
+            f"    ipset restore < {persist_dir}/ruleset.ipset || return 1\n"
             "  fi\n"
-            f"  iptables-restore --noflush {PERSIST_DIR}/$1.ipv4 && ip6tables-restore --noflush {PERSIST_DIR}/$1.ipv6\n"
+            f"  iptables-restore --noflush {persist_dir}/$1.ipv4 && ip6tables-restore --noflush {persist_dir}/$1.ipv6\n"
             "}\n"
             "if ! load ruleset; then\n"
             "  echo 'portguard: persisted rules failed to load, loading the management-only fallback' >&2\n"
             "  load fallback || exit 1\n"
             "  # the fallback has no set rule: sets a partial load left hold flows it must not allow\n"
-            f"  while read -r name family; do ipset destroy \"$name\" 2>/dev/null; done < {PERSIST_DIR}/sets\n"
+            f"  while read -r name family; do ipset destroy \"$name\" 2>/dev/null; done < {persist_dir}/sets\n"
             "fi\n"
             f"while read -r builtin chain; do\n"
             "  for tool in iptables ip6tables; do\n"
             "    $tool -C \"$builtin\" -j \"$chain\" 2>/dev/null || $tool -I \"$builtin\" 1 -j \"$chain\"\n"
             "  done\n"
-            f"done < {PERSIST_DIR}/jumps\n"
+            f"done < {persist_dir}/jumps\n"
         )
 
 
 BACKENDS = {"nftables": NftablesBackend, "iptables": IptablesBackend}
 
-UNIT = f"""[Unit]
+
+def unit_text(loader_path=LOADER_PATH) -> str:
+    """The boot unit: after the distribution's firewall units, and again whenever they reload or restart.
+
+    Debian's nftables.conf starts with ``flush ruleset`` and netfilter-persistent restores without
+    ``--noflush``: whichever loads last wins, so ours loads after them (After=), is reloaded right after
+    them (ReloadPropagatedFrom=: reload jobs follow the same ordering) and restarted with them (PartOf=).
+    Loading is idempotent (our table or chains are replaced as a whole), so ExecReload= is the loader.
+    """
+    units = " ".join(FIREWALL_UNITS)
+    return f"""[Unit]
 Description=portguard.hardening firewall (default-deny port whitelist)
 Documentation=https://github.com/portguard/hardening
 DefaultDependencies=no
 Wants=network-pre.target
 Before=network-pre.target shutdown.target
-After=local-fs.target
+After=local-fs.target {units}
+PartOf={units}
+ReloadPropagatedFrom={units}
 Conflicts=shutdown.target
 
 [Service]
 Type=oneshot
 RemainAfterExit=yes
-ExecStart={LOADER_PATH}
+ExecStart={loader_path}
+ExecReload={loader_path}
 
 [Install]
 WantedBy=sysinit.target
 """
 
-# The revert process: sleeps, then restores unless confirm removed the pending record.
+
+UNIT = unit_text()
+
+# The revert process. It waits for apply's go (a byte on stdin), sent only once the pending record with
+# this process's identity is on disk: EOF instead means apply died before arming, and nothing was applied.
+# It then exits early only when the record is gone (confirmed) or carries another token, and at the
+# deadline restores, under the lock, unless confirm removed the record first.
 REVERT_SCRIPT = r"""
 import fcntl, json, os, subprocess, sys, time
 state_dir, token, deadline = sys.argv[1], sys.argv[2], float(sys.argv[3])
-while time.time() < deadline:
-    time.sleep(min(0.2, max(0.0, deadline - time.time())))
-    if not os.path.exists(os.path.join(state_dir, "pending.json")):
-        sys.exit(0)
-with open(os.path.join(state_dir, "lock"), "a") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    path = os.path.join(state_dir, "pending.json")
+path = os.path.join(state_dir, "pending.json")
+if sys.stdin.read(1) != "1":
+    sys.exit(0)
+
+
+def record():
     try:
         with open(path) as handle:
-            pending = json.load(handle)
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+
+
+seen = None
+while time.time() < deadline:
+    time.sleep(min(0.2, max(0.0, deadline - time.time())))
+    try:
+        stat = os.stat(path)
     except FileNotFoundError:
         sys.exit(0)
-    if pending.get("token") != token:
+    if (stat.st_ino, stat.st_mtime_ns) != seen:  # parse a (possibly large) record only when it was replaced
+        seen = (stat.st_ino, stat.st_mtime_ns)
+        if (record() or {}).get("token") != token:
+            sys.exit(0)
+with open(os.path.join(state_dir, "lock"), "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    pending = record()
+    if pending is None or pending.get("token") != token:
         sys.exit(0)
     errors = []
     for argv, data in pending["restore"]:
         proc = subprocess.run(argv, input=data, capture_output=True, text=True)
         if proc.returncode:
             errors.append(proc.stderr.strip())
-    record = {"token": token, "at": time.time(), "errors": errors,
+    result = {"token": token, "at": time.time(), "errors": errors,
               "reason": "not confirmed within %s s" % pending.get("timeout")}
     with open(os.path.join(state_dir, "reverted.json.tmp"), "w") as handle:
-        json.dump(record, handle)
+        json.dump(result, handle)
     os.replace(os.path.join(state_dir, "reverted.json.tmp"), os.path.join(state_dir, "reverted.json"))
     os.unlink(path)
 """
+
+
+def ssh_connection(pid=None):
+    """``SSH_CONNECTION`` (client address, client port, server address, server port) of this process or of its
+    nearest ancestor that has one, else None.
+
+    sudo and su drop it from the environment under become; the login shell they were started from
+    still holds it, and root reads its /proc/<pid>/environ.
+    """
+    pid = pid or os.getpid()
+    seen = set()
+    while pid > 1 and pid not in seen:
+        seen.add(pid)
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                environment = handle.read().split(b"\0")
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                parent = int(handle.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return None
+        for item in environment:
+            if item.startswith(b"SSH_CONNECTION="):
+                fields = item.split(b"=", 1)[1].decode("ascii", "replace").split()
+                try:
+                    return (str(ipaddress.ip_address(fields[0].split("%")[0])), int(fields[1]),
+                            fields[2], int(fields[3])) if len(fields) == 4 else None
+                except ValueError:
+                    return None
+        pid = parent
+    return None
 
 
 def detect() -> dict:
@@ -504,7 +724,7 @@ def detect() -> dict:
     if shutil.which("iptables"):
         version = run(["iptables", "--version"], check=False).stdout
         facts["iptables_variant"] = "nf_tables" if "nf_tables" in version else "legacy"
-    connection = os.environ.get("SSH_CONNECTION", "").split()
+    connection = ssh_connection()
     facts["controller_address"] = connection[0] if connection else None
     if facts["nft"]:
         facts["nft_usable"] = run(["nft", "list", "tables"], check=False).returncode == 0
@@ -549,6 +769,59 @@ def check_conflicts(backend: str, facts: dict):
         )
 
 
+def _unit_enabled(unit, systemd, root="/") -> bool:
+    """``systemctl is-enabled`` where systemd runs, else the symlinks that enabling makes (containers)."""
+    if systemd and root == "/":
+        return run(["systemctl", "is-enabled", "--quiet", unit], check=False).returncode == 0
+    for base in ("etc/systemd/system", "run/systemd/system", "lib/systemd/system", "usr/lib/systemd/system"):
+        directory = os.path.join(root, base)
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        if any(name.endswith((".wants", ".requires")) and os.path.lexists(os.path.join(directory, name, unit))
+               for name in names):
+            return True
+    return False
+
+
+def _file_matches(path, pattern) -> bool:
+    try:
+        with open(path, errors="replace") as handle:
+            return any(re.match(pattern, line) for line in handle)
+    except OSError:
+        return False
+
+
+def flush_risks(backend: str, facts: dict, root="/") -> list[str]:
+    """Enabled distribution units whose configuration flushes our table or chains when they (re)load.
+
+    Reported in every mode. Where the boot unit is installed, it loads after them and again when they
+    reload or restart (unit_text); a manual ``nft -f`` or ``iptables-restore`` of their files is not
+    covered, and the next run reports our table as missing (Host.apply).
+    """
+    nft_backed = backend == "nftables" or facts.get("iptables_variant") == "nf_tables"
+    found = []
+    if nft_backed and _unit_enabled("nftables.service", facts.get("systemd"), root) and _file_matches(
+            os.path.join(root, "etc/nftables.conf"), r"\s*flush\s+ruleset\b"):
+        found.append("nftables.service is enabled and /etc/nftables.conf starts with 'flush ruleset': it removes "
+                     "every table, ours included, whenever it loads (boot, reload, restart)")
+    if backend == "iptables" and _unit_enabled("netfilter-persistent.service", facts.get("systemd"), root) and any(
+            _file_matches(os.path.join(root, "etc/iptables", name), r"\*filter") for name in ("rules.v4", "rules.v6")):
+        found.append("netfilter-persistent.service is enabled and restores /etc/iptables/rules.v4/v6 without "
+                     "--noflush: it flushes the filter table, our chains and jumps included, whenever it loads")
+    if backend == "iptables" and _unit_enabled("ufw.service", facts.get("systemd"), root) and _file_matches(
+            os.path.join(root, "etc/default/ufw"), r"\s*MANAGE_BUILTINS\s*=\s*[\"']?yes"):
+        found.append("ufw.service is enabled with MANAGE_BUILTINS=yes: it flushes the built-in chains, our jumps "
+                     "included, whenever it loads")
+    if backend == "iptables" and _unit_enabled("firewalld.service", facts.get("systemd"), root) and _file_matches(
+            os.path.join(root, "etc/firewalld/firewalld.conf"), r"\s*FirewallBackend\s*=\s*iptables"):
+        found.append("firewalld.service is enabled with FirewallBackend=iptables: it flushes every iptables chain "
+                     "when it starts or reloads, and it starts after early boot, so our unit cannot be ordered "
+                     "after it: our chains are gone until the next portguard run")
+    return found
+
+
 class Host:
     """One host's firewall state machine; every phase takes the state lock."""
 
@@ -575,7 +848,9 @@ class Host:
     def _wait_for_pending(self, wait_seconds, check_mode=False):
         """Serialize runs: wait while another apply awaits its confirmation (or revert).
 
-        Returns the lock, and whether an unconfirmed change was left behind by a dead revert process.
+        Returns the lock, and whether a stale unconfirmed change was found: its revert process is gone
+        (or is another process that got its pid), or has not acted STALE_GRACE seconds past its deadline.
+        A real run reverts it; check mode writes nothing (the next real run reverts it).
         """
         deadline = time.time() + wait_seconds
         while True:
@@ -583,10 +858,9 @@ class Host:
             pending = self._pending()
             if pending is None:
                 return lock, False
-            if not _alive(pending.get("pid")):
-                # The revert process is gone without reverting (it was killed): revert now, unless in
-                # check mode, which writes nothing (the next real run reverts it).
+            if not _revert_alive(pending) or time.time() > pending.get("deadline", 0) + STALE_GRACE:
                 if not check_mode:
+                    _terminate(pending)
                     _run_steps(pending["restore"])
                     os.unlink(os.path.join(self.state_dir, "pending.json"))
                 return lock, True
@@ -596,8 +870,13 @@ class Host:
             time.sleep(0.3)
 
     # phases -------------------------------------------------------------
-    def apply(self, backend, ruleset, *, check_mode, arm, timeout, state="present"):
-        """Validate, diff, and apply when different; returns the result dict."""
+    def apply(self, backend, ruleset, *, check_mode, arm, timeout, state="present", persist=None):
+        """Validate, diff, and apply when different; returns the result dict.
+
+        ``persist`` (the keyword arguments of Host.persist but check_mode, or None) persists under the
+        lock when nothing awaits a confirmation (no change, check mode, or no revert armed); otherwise
+        confirm persists.
+        """
         if state == "present":
             backend.validate(ruleset)
         lock, stale = self._wait_for_pending(timeout + 15, check_mode)
@@ -605,21 +884,25 @@ class Host:
             live = backend.live()
             before, after = backend.compare(ruleset) if state == "present" else (_lines(live), [])
             changed = before != after
+            missing = self._missing(backend, live, state)
             result = {
                 # reverting a stale unconfirmed change is a change even when the catalog's rules follow
                 "changed": changed or stale,
                 "backend": backend.name,
                 "diff": {"before": "\n".join(before) + "\n" if before else "",
                          "after": "\n".join(after) + "\n" if after else "",
-                         "before_header": f"live {backend.name} ({'ours' if live else 'absent'})",
+                         "before_header": f"live {backend.name} "
+                                          f"({'ours' if live else 'missing' if missing else 'absent'})",
                          "after_header": f"rendered {backend.name}"},
                 "token": None,
             }
+            if missing:
+                result["table_missing"] = missing + (": a real run restores it" if check_mode else ": restored")
             if stale:
-                result["stale_change"] = ("an unconfirmed change whose revert process had died was "
-                                          + ("found; a real run reverts it" if check_mode else "reverted"))
+                result["stale_change"] = ("an unconfirmed change whose revert process had died or missed its "
+                                          "deadline was " + ("found; a real run reverts it" if check_mode else "reverted"))
             if not changed or check_mode:
-                return result
+                return self._persisted(result, persist, check_mode)
             restore = backend.restore_steps(live)
             steps = backend.apply_steps(ruleset) if state == "present" else backend.restore_steps(None)
             token = uuid.uuid4().hex
@@ -634,11 +917,38 @@ class Host:
                     os.unlink(os.path.join(self.state_dir, "pending.json"))
                 raise
             # Replacing the table resets its counters: the activity report says since when they count.
+            # The token also tells confirm which change is the latest, the only one it persists.
             _write_atomic(os.path.join(self.state_dir, "applied.json"),
                           json.dumps({"at": time.time(), "token": token, "state": state}), mode=0o644)
-            return result
+            return result if arm else self._persisted(result, persist, check_mode)
         finally:
             lock.close()
+
+    def _missing(self, backend, live, state):
+        """Why our table or chains are gone although a confirmed ruleset is persisted (None when not so).
+
+        The persisted files are the evidence: a change that was reverted, never confirmed, was never persisted.
+        """
+        if state != "present" or live is not None or not any(
+                os.path.exists(os.path.join(self.persist_dir, name)) for name in ("ruleset.nft", "jumps")):
+            return None
+        what = f"table inet {TABLE}" if backend.name == "nftables" else "our chains " + "/".join(CHAINS)
+        return (f"{what} is missing from the live ruleset although portguard applied it: something flushed it "
+                "(a 'flush ruleset' in /etc/nftables.conf, netfilter-persistent, firewalld, ufw or a manual flush)")
+
+    def _persisted(self, result, persist, check_mode):
+        if persist is None:
+            return result
+        result.update(self._persist_reported(persist, check_mode))
+        result["changed"] = result["changed"] or result.get("persistence", {}).get("changed", False)
+        return result
+
+    def _persist_reported(self, persist, check_mode=False) -> dict:
+        """Persist, and report a failure as what it is: the live rules stand, only the boot files failed."""
+        try:
+            return {"persistence": self.persist(**persist, check_mode=check_mode)}
+        except (HostError, OSError) as exc:
+            return {"persistence_error": str(exc)}
 
     def _arm(self, token, restore, timeout):
         for name in ("reverted.json",):
@@ -648,36 +958,70 @@ class Host:
         deadline = time.time() + timeout
         proc = subprocess.Popen(
             [sys.executable, "-c", REVERT_SCRIPT, self.state_dir, token, repr(deadline)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
         )
-        record = {"token": token, "pid": proc.pid, "deadline": deadline, "timeout": timeout, "restore": restore}
-        _write_atomic(os.path.join(self.state_dir, "pending.json"), json.dumps(record))
+        try:
+            record = {"token": token, "pid": proc.pid, "start": _start_time(proc.pid), "deadline": deadline,
+                      "timeout": timeout, "restore": restore}
+            _write_atomic(os.path.join(self.state_dir, "pending.json"), json.dumps(record))
+        except BaseException:
+            proc.kill()
+            raise
+        # Only now may the revert process watch the record: it is on disk, with its identity.
+        try:
+            proc.stdin.write(b"1")
+            proc.stdin.close()
+        except BrokenPipeError as exc:
+            os.unlink(os.path.join(self.state_dir, "pending.json"))
+            raise HostError("the revert process died before it was armed; nothing was applied") from exc
 
-    def confirm(self, token):
+    def confirm(self, token, persist=None):
+        """Disarm the revert of ``token`` and, when it is the latest applied change, persist under the lock.
+
+        A repeated confirm of a confirmed token (its reply was lost) answers "confirmed" again.
+        """
         lock = self._locked()
         try:
             pending = self._pending()
-            if pending is None or pending.get("token") != token:
+            confirmed = self._read_json("confirmed.json").get("tokens", [])
+            if pending is not None and pending.get("token") == token:
+                os.unlink(os.path.join(self.state_dir, "pending.json"))
+                _terminate(pending)
+                _write_atomic(os.path.join(self.state_dir, "confirmed.json"),
+                              json.dumps({"tokens": [*confirmed, token][-CONFIRMED_KEPT:]}))
+                result = {"state": "confirmed"}
+            elif token in confirmed:
+                result = {"state": "confirmed", "repeated": True}
+            else:
                 reverted = self.status(token)
                 if reverted.get("state") == "reverted":
                     raise HostError(f"too late to confirm: the host already reverted ({reverted['reason']})")
                 raise HostError("nothing to confirm: no pending change with this token")
-            os.unlink(os.path.join(self.state_dir, "pending.json"))
-            _terminate(pending.get("pid"))
-            return {"state": "confirmed"}
+            if persist is not None:
+                if self._read_json("applied.json").get("token") == token:
+                    result.update(self._persist_reported(persist))
+                else:
+                    result["persistence"] = {"changed": False,
+                                             "skipped": "a later change was applied since; its confirm persists it"}
+            return result
         finally:
             lock.close()
+
+    def _read_json(self, name) -> dict:
+        try:
+            with open(os.path.join(self.state_dir, name)) as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return {}
 
     def status(self, token):
         pending = self._pending()
         if pending and pending.get("token") == token:
             return {"state": "pending", "deadline": pending["deadline"]}
-        try:
-            with open(os.path.join(self.state_dir, "reverted.json")) as handle:
-                record = json.load(handle)
-        except FileNotFoundError:
-            record = {}
+        if token in self._read_json("confirmed.json").get("tokens", []):
+            return {"state": "confirmed"}
+        record = self._read_json("reverted.json")
         if record.get("token") == token:
             return {"state": "reverted", "reason": record.get("reason"), "errors": record.get("errors", [])}
         return {"state": "unknown"}
@@ -685,19 +1029,21 @@ class Host:
     def persist(self, backend, ruleset, fallback, *, check_mode, systemd, state="present"):
         """Write our files atomically, and the boot unit where systemd runs; True when something changed."""
         if state == "absent":
-            paths = [os.path.join(self.persist_dir, n) for n in os.listdir(self.persist_dir)] \
-                if os.path.isdir(self.persist_dir) else []
-            paths += [p for p in (self.unit_path, self.loader_path) if os.path.exists(p)]
+            # Only the files portguard writes: an admin's file (or directory) in PERSIST_DIR stays.
+            paths = [path for path in (*(os.path.join(self.persist_dir, name) for name in PERSIST_FILES),
+                                       self.unit_path, self.loader_path) if os.path.isfile(path)]
             if paths and not check_mode:
                 if systemd and os.path.exists(self.unit_path):
                     run(["systemctl", "disable", "portguard.service"], check=False)
                 for path in paths:
                     os.unlink(path)
+                with contextlib.suppress(OSError):  # left where it holds anything else
+                    os.rmdir(self.persist_dir)
             return {"changed": bool(paths), "unit": "removed" if paths else "absent"}
         files = {os.path.join(self.persist_dir, name): text for name, text in backend.persist_files(ruleset, fallback).items()}
-        files[self.loader_path] = backend.loader()
+        files[self.loader_path] = backend.loader(self.persist_dir)
         if systemd:
-            files[self.unit_path] = UNIT
+            files[self.unit_path] = unit_text(self.loader_path)
         changed = [path for path, text in files.items() if _read(path) != text]
         if changed and not check_mode:
             os.makedirs(self.persist_dir, mode=0o700, exist_ok=True)
@@ -711,6 +1057,8 @@ class Host:
             if run(["systemctl", "is-enabled", "portguard.service"], check=False).returncode != 0:
                 run(["systemctl", "enable", "portguard.service"])
                 changed.append("enable")
+            elif self.unit_path in changed:
+                run(["systemctl", "reenable", "portguard.service"])  # an [Install] section of an older unit
             enabled = True
         unit = "installed" if systemd else "no boot unit installed: systemd is not running on this host"
         return {"changed": bool(changed), "files": sorted(changed), "unit": unit, "enabled": enabled}
@@ -730,28 +1078,33 @@ def _run_steps(steps):
         run(argv, data)
 
 
-def _alive(pid) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+def _start_time(pid):
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot): with the pid, a process identity."""
     try:
         with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split(") ")[-1][:1] != "Z"
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _revert_alive(record) -> bool:
+    """The revert process of ``record`` runs: same pid, same start time, its token on its command line."""
+    pid, start = record.get("pid"), record.get("start")
+    if not isinstance(pid, int) or pid <= 0 or not start or _start_time(pid) != start:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return str(record.get("token")).encode() in handle.read().split(b"\0")
     except OSError:
         return False
 
 
-def _terminate(pid):
-    if _alive(pid):
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+def _terminate(record):
+    """SIGTERM the record's revert process, never a stranger that got its pid."""
+    if _revert_alive(record):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(record["pid"], signal.SIGTERM)
 
 
 def _read(path):

@@ -19,6 +19,7 @@ import re
 from ansible_collections.portguard.hardening.plugins.module_utils.catalog import (
     MANAGEMENT_FLOW,
     catalog_vars,
+    check_inventory,
     compile_catalog,
 )
 from ansible_collections.portguard.hardening.plugins.module_utils.errors import CatalogError
@@ -30,7 +31,9 @@ from ansible_collections.portguard.hardening.plugins.module_utils.policy import 
     merge_intervals,
 )
 from ansible_collections.portguard.hardening.plugins.module_utils.validate import (
+    check_inventory_name,
     check_name,
+    key_path,
     parse_bool,
     parse_expiry,
     parse_int,
@@ -42,7 +45,6 @@ DEFAULT_EXPIRING_DAYS = 14
 # Stand-ins for broken entries while another section is checked: valid, and referenced names still resolve.
 _STANDIN_SERVICE = {"port": 1, "proto": "tcp", "purpose": "lint stand-in", "owner": "lint"}
 _FLOW_PATH = re.compile(r"^portguard_flows\[(\d+)\]")
-_SECTION_PATH = re.compile(r"^(portguard_networks|portguard_services)\.([^.\[]+)")
 # Compiler warnings that lint raises to errors. A missing floor is only a warning in a play: the
 # controller's own connection stays open and the firewall action refuses changes that cut it. Lint runs
 # before any host is touched, and there it is a mistake: the next admin who connects from elsewhere,
@@ -60,7 +62,7 @@ def _error(error: CatalogError, path=None) -> Finding:
     return Finding("error", error_code(error), error.path if path is None else path, error.message)
 
 
-SECTIONS = ("portguard_networks", "portguard_services", "portguard_flows", "portguard_management",
+SECTIONS = ("groups", "portguard_networks", "portguard_services", "portguard_flows", "portguard_management",
             "portguard_deny_all", "hostvars")
 
 
@@ -86,12 +88,12 @@ def _as_names(value) -> list:
 class _Linter:
     def __init__(self, variables, groups, hostvars, today, expiring_days):
         self.catalog = catalog_vars(variables or {})
-        self.groups = {str(name): list(members or []) for name, members in (groups or {}).items()}
-        self.hostvars = dict(hostvars or {})
         self.today = today
         self.expiring_days = expiring_days
         self.errors: list[Finding] = []
         self.broken_hosts: set[str] = set()
+        self.broken_groups: set[str] = set()
+        self.groups, self.hostvars = self._inventory(groups or {}, hostvars or {})
         self.broken_networks: set[str] = set()
         self.broken_services: set[str] = set()
         self.broken_flows: set[int] = set()
@@ -104,12 +106,50 @@ class _Linter:
                                self.hostvars if hostvars is None else hostvars, today=self.today)
 
     # errors ------------------------------------------------------------------
+    def _inventory(self, groups, hostvars):
+        """The inventory without the names the compiler refuses (each an error finding).
+
+        A refused host leaves the groups that list it (they are then tainted: their flows are
+        not linted for warnings); a refused group goes; a group whose members are not a list,
+        or a host whose variables are not a mapping, stays, emptied and tainted.
+        """
+        groups = dict(groups) if isinstance(groups, dict) else {}
+        hostvars = dict(hostvars) if isinstance(hostvars, dict) else {}
+        while True:  # each round removes or empties what one error names, so it ends
+            error = _inventory_error(groups, hostvars)
+            if error is None or any(f.path == error.path for f in self.errors):
+                return groups, hostvars
+            self.errors.append(_error(error))
+
+            def refused(host, path=error.path):
+                return key_path("hostvars", host) == path
+
+            for name, members in list(groups.items()):
+                if key_path("groups", name) == error.path:
+                    if _valid_name(name, "group"):
+                        groups[name] = []
+                        self.broken_groups.add(name)
+                    else:
+                        del groups[name]
+                elif isinstance(members, list) and any(map(refused, members)):
+                    groups[name] = [host for host in members if not refused(host)]
+                    self.broken_groups.add(name)
+            for host in [host for host in hostvars if refused(host)]:
+                if _valid_name(host, "host"):
+                    hostvars[host] = {}
+                    self.broken_hosts.add(host)
+                else:
+                    del hostvars[host]
+
     def run(self) -> list[Finding]:
-        try:
-            policy = self.compile(self.catalog)
-        except CatalogError as exc:
-            self.errors.append(_error(exc))
-            self._mark(exc.path)
+        policy = None
+        if not self.errors:  # inventory errors (see _inventory) refuse the catalog already
+            try:
+                policy = self.compile(self.catalog)
+            except CatalogError as exc:
+                self.errors.append(_error(exc))
+                self._mark(exc.path)
+        if self.errors:
             self._sections()
             policy = self._valid_part()
         self._host_ports()
@@ -130,17 +170,15 @@ class _Linter:
 
     def _mark(self, path: str):
         """Remember which entry an error belongs to, so that the other sections can stand in for it."""
-        if path.startswith("hostvars."):
-            # Host names may contain dots: the longest inventory host that prefixes the path.
-            rest = path.removeprefix("hostvars.")
-            hosts = [host for host in self.hostvars if rest == host or rest.startswith((f"{host}.", f"{host}["))]
-            if hosts:
-                self.broken_hosts.add(max(hosts, key=len))
-            return
-        match = _SECTION_PATH.match(path)
-        if match:
-            target = self.broken_networks if match.group(1) == "portguard_networks" else self.broken_services
-            target.add(match.group(2))
+        for section, names, target in (("hostvars", self.hostvars, self.broken_hosts),
+                                       ("portguard_networks", self.catalog.get("portguard_networks"), self.broken_networks),
+                                       ("portguard_services", self.catalog.get("portguard_services"), self.broken_services)):
+            if not path.startswith(section) or not isinstance(names, dict):
+                continue
+            # Names may contain dots: the longest one whose path prefixes the error's.
+            found = [(len(key_path(section, name)), name) for name in names if _within(path, key_path(section, name))]
+            if found:
+                target.add(max(found, key=lambda pair: pair[0])[1])
             return
         match = _FLOW_PATH.match(path)
         if match:
@@ -262,7 +300,7 @@ class _Linter:
     def _tainted(self) -> set:
         """Names whose addresses or ports a broken entry changed: broken networks, services and hosts,
         the groups of broken hosts and the networks that include a broken network."""
-        tainted = self.broken_networks | self.broken_services | self.broken_hosts
+        tainted = self.broken_networks | self.broken_services | self.broken_hosts | self.broken_groups
         tainted |= {group for group, members in self.groups.items() if set(members) & self.broken_hosts}
         raw = self.catalog.get("portguard_networks")
         raw = raw if isinstance(raw, dict) else {}
@@ -464,6 +502,27 @@ class _Linter:
                 findings.append(Finding("warning", "flow-expiring", path,
                                         f"flow {name} expires {when}, on {expires.isoformat()}: recertify or remove it"))
         return findings
+
+
+def _within(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith((f"{prefix}.", f"{prefix}["))
+
+
+def _valid_name(name, kind: str) -> bool:
+    try:
+        check_inventory_name(name, kind)
+    except CatalogError:
+        return False
+    return True
+
+
+def _inventory_error(groups, hostvars):
+    """The compiler's first refusal of the inventory's names, or None."""
+    try:
+        check_inventory(groups, hostvars)
+    except CatalogError as exc:
+        return exc
+    return None
 
 
 def _shared(first: dict, second: dict) -> str:

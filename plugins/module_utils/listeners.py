@@ -35,6 +35,7 @@ from typing import NamedTuple
 from ansible_collections.portguard.hardening.plugins.module_utils.errors import (
     PortguardError,
 )
+from ansible_collections.portguard.hardening.plugins.module_utils.printable import escape_bytes
 
 PROTOCOLS = ("tcp", "udp")
 SOURCES = ("auto", "netlink", "proc")
@@ -264,8 +265,8 @@ def map_socket_owners(inodes: set[int], proc: str = "/proc") -> dict[int, list[i
 
 
 def parse_cmdline(raw: bytes) -> str:
-    """/proc/[pid]/cmdline (NUL-separated arguments) as one space-separated line."""
-    return " ".join(arg.decode("utf-8", "replace") for arg in raw.split(b"\0") if arg)
+    """/proc/[pid]/cmdline (NUL-separated arguments) as one space-separated, display-safe line."""
+    return " ".join(escape_bytes(arg) for arg in raw.split(b"\0") if arg)
 
 
 def parse_status_uid(text: str) -> int | None:
@@ -277,11 +278,15 @@ def parse_status_uid(text: str) -> int | None:
 
 
 def read_process(pid: int, proc: str = "/proc") -> dict | None:
-    """Name, command line and effective uid of a process; None once it has gone."""
+    """Name, command line and effective uid of a process; None once it has gone.
+
+    Name and command line are chosen by the process's user: they come display-safe (``escape_bytes``).
+    """
     base = f"{proc}/{pid}"
     try:
         with open(f"{base}/comm", "rb") as handle:
-            name = handle.read().rstrip(b"\n").decode("utf-8", "replace")
+            # The kernel ends the name with one newline; the name itself may hold more.
+            name = escape_bytes(handle.read()[:-1])
         with open(f"{base}/cmdline", "rb") as handle:
             cmdline = parse_cmdline(handle.read())
         with open(f"{base}/status", encoding="utf-8", errors="replace") as handle:

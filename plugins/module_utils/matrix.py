@@ -5,12 +5,17 @@ segment (inventory group) towards every other host, every cataloged service
 plus commonly exposed ports, in both families, each with the catalog's
 expectation. ``evaluate`` joins the probe results and the deny counters to
 that plan; ``render_table``, ``to_json``, ``to_junit`` and ``to_html`` show it.
+Host, segment and service names and the probes' reasons come from inventories
+and hosts: the text, XML and HTML outputs show what does not print as escapes
+(``printable``), and the page escapes markup on top.
 """
 
 import html
 import ipaddress
 import json
 from xml.etree import ElementTree
+
+from ansible_collections.portguard.hardening.plugins.module_utils.printable import printable
 
 # Ports commonly left open by accident: databases, caches, admin consoles, Docker's API.
 COMMON_PORTS = (
@@ -197,6 +202,7 @@ def render_overview(cells) -> str:
                     names.append(name)
             row.append(",".join(names) or "none")
         table.append(row)
+    table = [[printable(value) for value in row] for row in table]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     lines = ["  ".join(v.ljust(widths[i]) for i, v in enumerate(row)).rstrip() for row in table]
     return "open services (everything else was blocked, as the catalog says):\n" + "\n".join("  " + x for x in lines)
@@ -221,9 +227,10 @@ def render_table(cells) -> str:
                 chosen = [c for c in items if c["src"] == src and c["port"] == port and c["proto"] == proto]
                 line.append(_mark(chosen) or "-")
             table.append(line)
+        table = [[printable(value) for value in row] for row in table]
         widths = [max(len(r[i]) for r in table) for i in range(len(header))]
         out.append("")
-        out.append(f"{dst}:")
+        out.append(f"{printable(dst)}:")
         for row in table:
             out.append("  " + "  ".join(v.ljust(widths[i]) for i, v in enumerate(row)).rstrip())
     return "\n".join(out)
@@ -244,22 +251,27 @@ def to_junit(cells, problems, counters) -> str:
         counter = counters.get(dst)
         counter_failed = bool(counter and (counter["counter_delta"] is None
                                            or counter["counter_delta"] < counter["denied_probes"]))
-        suite = ElementTree.SubElement(suites, "testsuite", name=f"reachability.{dst}",
+        suite = ElementTree.SubElement(suites, "testsuite", name=printable(f"reachability.{dst}"),
                                        tests=str(len(items) + (1 if counter else 0)),
                                        failures=str(len(failures) + (1 if counter_failed else 0)))
         for cell in items:
             case = ElementTree.SubElement(
-                suite, "testcase", classname=f"reachability.{dst}",
-                name=f"{cell['src']} {cell['src_address']} -> {cell['address']} {cell['port']}/{cell['proto']} "
-                     f"{cell['service']} expected {cell['expected']}")
+                suite, "testcase", classname=printable(f"reachability.{dst}"),
+                name=printable(f"{cell['src']} {cell['src_address']} -> {cell['address']} {cell['port']}/{cell['proto']} "
+                               f"{cell['service']} expected {cell['expected']}"))
             if not cell["ok"]:
-                ElementTree.SubElement(case, "failure", message=f"seen {cell['seen']}").text = \
-                    f"expected {cell['expected']}, seen {cell['seen']} ({cell.get('reason')})"
+                ElementTree.SubElement(case, "failure", message=printable(f"seen {cell['seen']}")).text = \
+                    printable(f"expected {cell['expected']}, seen {cell['seen']} ({cell.get('reason')})")
         if counter:
-            case = ElementTree.SubElement(suite, "testcase", classname=f"reachability.{dst}", name="deny counter rose")
+            case = ElementTree.SubElement(suite, "testcase", classname=printable(f"reachability.{dst}"),
+                                          name="deny counter rose")
             if counter_failed:
                 ElementTree.SubElement(case, "failure", message="deny counter").text = json.dumps(counter)
     return ElementTree.tostring(suites, encoding="unicode")
+
+
+def _html(value) -> str:
+    return html.escape(printable(value))
 
 
 def to_html(cells, problems, counters, title="portguard reachability") -> str:
@@ -268,27 +280,27 @@ def to_html(cells, problems, counters, title="portguard reachability") -> str:
         by_dst.setdefault(cell["dst"], []).append(cell)
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>",
+        f"<title>{_html(title)}</title><style>",
         "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:1.5em}",
         "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:center}",
         ".open{background:#c8efc8}.blocked{background:#eee}.bad{background:#f4a6a6;font-weight:bold}",
         "th.svc,td.svc{text-align:left}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
+        f"<h1>{_html(title)}</h1>",
         f"<p>{'All cells as the catalog expects.' if not problems else f'{len(problems)} problem(s):'}</p>",
     ]
     if problems:
-        parts.append("<ul>" + "".join(f"<li>{html.escape(p)}</li>" for p in problems) + "</ul>")
+        parts.append("<ul>" + "".join(f"<li>{_html(p)}</li>" for p in problems) + "</ul>")
     for dst, items in sorted(by_dst.items()):
         sources = sorted({(c["segment"], c["src"]) for c in items})
         rows = sorted({(c["proto"], c["port"], c["service"]) for c in items}, key=lambda r: (r[0], r[1]))
         counter = counters.get(dst)
         note = f" — deny counter +{counter['counter_delta']} for {counter['denied_probes']} denied probes" \
             if counter else ""
-        parts.append(f"<h2>{html.escape(dst)}{html.escape(note)}</h2><table><tr><th class='svc'>service</th>")
-        parts += [f"<th>{html.escape(segment)}<br>{html.escape(src)}</th>" for segment, src in sources]
+        parts.append(f"<h2>{_html(dst)}{_html(note)}</h2><table><tr><th class='svc'>service</th>")
+        parts += [f"<th>{_html(segment)}<br>{_html(src)}</th>" for segment, src in sources]
         parts.append("</tr>")
         for proto, port, service in rows:
-            parts.append(f"<tr><td class='svc'>{html.escape(service)} {port}/{proto}</td>")
+            parts.append(f"<tr><td class='svc'>{_html(f'{service} {port}/{proto}')}</td>")
             for _unused, src in sources:
                 chosen = sorted([c for c in items if c["src"] == src and c["port"] == port and c["proto"] == proto],
                                 key=lambda c: c["family"])
@@ -298,8 +310,8 @@ def to_html(cells, problems, counters, title="portguard reachability") -> str:
                 bad = any(not c["ok"] for c in chosen)
                 css = "bad" if bad else ("open" if chosen[0]["expected"] == "open" else "blocked")
                 text = " ".join(f"{c['family'][-2:]}:{c['seen']}" for c in chosen)
-                parts.append(f"<td class='{css}' title='expected {html.escape(chosen[0]['expected'])}'>"
-                             f"{html.escape(text)}</td>")
+                parts.append(f"<td class='{css}' title='expected {_html(chosen[0]['expected'])}'>"
+                             f"{_html(text)}</td>")
             parts.append("</tr>")
         parts.append("</table>")
     parts.append("</body></html>")

@@ -139,12 +139,13 @@ class Policy:
     _builder: object = None
     _cache: dict = field(default_factory=dict)
 
-    def host(self, name: str, controller_addresses=None) -> HostPolicy:
-        """One host's whitelist (built once); ``controller_addresses`` overrides those given to the compile."""
-        key = (name, None if controller_addresses is None else tuple(controller_addresses))
+    def host(self, name: str, controller_addresses=None, controller_port=None) -> HostPolicy:
+        """One host's whitelist (built once); ``controller_addresses`` overrides those given to the compile,
+        ``controller_port`` the host's ``ansible_port`` (the port the controller's addresses are let in on)."""
+        key = (name, None if controller_addresses is None else tuple(controller_addresses), controller_port)
         if key not in self._cache:
             with gc_paused():
-                self._cache[key] = self._builder.build(name, controller_addresses)
+                self._cache[key] = self._builder.build(name, controller_addresses, controller_port)
         return self._cache[key]
 
     def allowed(self, src_address: str, dst_host: str, port: int, proto: str) -> bool:

@@ -11,12 +11,21 @@ Classification:
 - TCP: handshake completes -> ``open``; RST (``ECONNREFUSED``) -> ``closed``;
   ICMP administratively prohibited (``EHOSTUNREACH``/``EACCES``) -> ``filtered``
   (``reason: rejected``); no answer -> ``filtered`` (``reason: timeout``).
-- UDP: the payload is echoed -> ``open``; ICMP port unreachable -> ``closed``;
-  ICMP prohibited -> ``filtered`` (rejected); no answer -> ``filtered`` (timeout).
+- UDP: any answer (the temporary listener's reply, or a service's) -> ``open``;
+  ICMP port unreachable -> ``closed``; ICMP prohibited -> ``filtered`` (rejected);
+  no answer -> ``filtered`` (timeout).
+
+The UDP request is ``REQUEST_MAGIC`` plus a random nonce; the temporary
+listener answers only that exact form, with ``REPLY_MAGIC`` plus the nonce. A
+reply is never a request, so two listeners cannot bounce a datagram between
+them (see plugins/modules/temp_listener.py). The listener does not answer a
+datagram from a port it serves, so a UDP probe never comes from a port that
+the same run probes over UDP.
 """
 
 import errno
 import ipaddress
+import itertools
 import math
 import os
 import resource
@@ -30,7 +39,13 @@ from ansible_collections.portguard.hardening.plugins.module_utils.errors import 
 
 OPEN, CLOSED, FILTERED = "open", "closed", "filtered"
 REJECT_ERRNOS = {errno.EHOSTUNREACH, errno.EACCES, errno.ENETUNREACH, errno.EPERM}
-PAYLOAD = b"portguard-probe\n"
+# The UDP request and the listener's reply: same length, different magic, so a reply is never a request.
+REQUEST_MAGIC = b"portguard-probe?"
+REPLY_MAGIC = b"portguard-probe!"
+NONCE_BYTES = 16
+REQUEST_BYTES = len(REQUEST_MAGIC) + NONCE_BYTES
+# The most targets one call may probe: a full TCP sweep of two addresses (IPv4 and IPv6 of one host).
+MAX_TARGETS = 2 * 65536
 _LINGER_RST = struct.pack("ii", 1, 0)
 # Linux socket options the socket module does not name (linux/in.h, linux/in6.h).
 IP_RECVERR = 11
@@ -55,6 +70,11 @@ class ProbeError(PortguardError):
     def __init__(self, message, error=None):
         super().__init__(message)
         self.errno = error
+
+
+def udp_request() -> bytes:
+    """A UDP probe: the magic and a fresh nonce (the temporary listener answers nothing else)."""
+    return REQUEST_MAGIC + os.urandom(NONCE_BYTES)
 
 
 def _cpus() -> int:
@@ -178,6 +198,9 @@ class _FileLimit:
 def probe_ports(targets, *, timeout=1.0, concurrency=None, source=None):
     """Probe ``targets``, ``(address, port, proto[, source])`` tuples; one result dict per target, in order.
 
+    ``targets`` may be any iterable (a generator is read lazily): more than
+    ``MAX_TARGETS`` raise ``ProbeError`` before more than that are held in memory.
+
     ``source`` is the default source address for targets that name none. A bad
     target or option raises ``ProbeError`` before anything is sent. The
     concurrency is clamped to the sockets the process may open.
@@ -187,15 +210,21 @@ def probe_ports(targets, *, timeout=1.0, concurrency=None, source=None):
     if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
                                     or concurrency < 0):
         raise ProbeError(f"bad concurrency {concurrency!r}: expected a positive integer (0: the default)")
+    targets = list(itertools.islice(targets, MAX_TARGETS + 1))
+    if len(targets) > MAX_TARGETS:
+        raise ProbeError(f"more than {MAX_TARGETS} targets in one call: split them over several calls")
     plan = check_targets(targets, source)
     with _FileLimit(concurrency or default_concurrency()) as limit:
-        results = _run(targets, plan, timeout, min(limit.wanted, limit.room))
+        # The temporary listener never answers a datagram from a port it serves: no UDP probe may come from
+        # a port that this run probes over UDP (a port the listener may serve), or it would look filtered.
+        avoid = {target[1] for target in targets if target[2] == "udp"}
+        results = _run(targets, plan, timeout, min(limit.wanted, limit.room), avoid)
     for (_family, chosen), result in zip(plan, results):
         result["source"] = chosen
     return results
 
 
-def _run(targets, plan, timeout, concurrency):
+def _run(targets, plan, timeout, concurrency, avoid):
     count = len(targets)
     results = [None] * count
     following = 0
@@ -213,7 +242,7 @@ def _run(targets, plan, timeout, concurrency):
                 family, chosen = plan[following]
                 attempt = _Attempt(following, tuple(targets[following][:3]))
                 try:
-                    done = _start(attempt, family, chosen)
+                    done = _start(attempt, family, chosen, avoid)
                 except _OutOfSockets:
                     if not inflight:
                         raise ProbeError(f"targets[{following}]: no socket can be opened (open-file limit)") from None
@@ -270,8 +299,11 @@ class _OutOfSockets(Exception):
 _OUT_OF_SOCKETS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
-def _start(attempt, family, source):
-    """Send the attempt's first packet; returns a result when it is known at once, else None (in flight)."""
+def _start(attempt, family, source, avoid):
+    """Send the attempt's first packet; returns a result when it is known at once, else None (in flight).
+
+    A UDP attempt's source port is never one of ``avoid``.
+    """
     address, port = attempt.target[:2]
     try:
         sock = socket.socket(family, (socket.SOCK_STREAM if attempt.tcp else socket.SOCK_DGRAM) | SOCK_NONBLOCK)
@@ -281,11 +313,7 @@ def _start(attempt, family, source):
         raise ProbeError(f"targets[{attempt.index}]: cannot open a socket: {exc.strerror}", exc.errno) from exc
     attempt.sock = sock
     try:
-        # ICMP errors become hard errors at once, even one that arrives during the connect() call itself.
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
-        else:
-            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        _recverr(sock, family)
         if source:
             if attempt.tcp:
                 # The source port is picked at connect(), per destination: thousands of probes from one
@@ -295,7 +323,9 @@ def _start(attempt, family, source):
         attempt.sent = time.monotonic()
         if not attempt.tcp:
             sock.connect((address, port))
-            sock.send(PAYLOAD)
+            if sock.getsockname()[1] in avoid:
+                sock = attempt.sock = _udp_from_another_port(sock, family, source, (address, port), avoid)
+            sock.send(udp_request())
             return None
         error = sock.connect_ex((address, port))
         if error == errno.EINPROGRESS:
@@ -309,6 +339,36 @@ def _start(attempt, family, source):
         result = _classify_error(attempt.target, exc.errno, attempt.sent or time.monotonic())
     _close(None, attempt)
     return result
+
+
+def _recverr(sock, family):
+    """ICMP errors become hard errors at once, even one that arrives during the connect() call itself."""
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+
+
+def _udp_from_another_port(sock, family, source, peer, avoid, tries=8):
+    """A UDP socket connected to ``peer`` like ``sock``, from a source port not in ``avoid`` (after ``tries``, the last).
+
+    Each unwanted socket stays open until the end, so that the kernel picks another port every time.
+    """
+    held = [sock]
+    try:
+        for _try in range(tries):
+            fresh = socket.socket(family, socket.SOCK_DGRAM | SOCK_NONBLOCK)
+            held.append(fresh)
+            _recverr(fresh, family)
+            if source:
+                fresh.bind((source, 0))
+            fresh.connect(peer)
+            if fresh.getsockname()[1] not in avoid:
+                break
+        return held.pop()
+    finally:
+        for other in held:
+            other.close()
 
 
 def _classify_error(target, error, sent):

@@ -27,20 +27,23 @@ offers):
 In both, established traffic is accepted first.
 """
 
+import re
 from dataclasses import dataclass, field
 
 from ansible_collections.portguard.hardening.plugins.module_utils.policy import HostPolicy
-from ansible_collections.portguard.hardening.plugins.module_utils.validate import truncate_utf8
+from ansible_collections.portguard.hardening.plugins.module_utils.validate import rule_text, truncate_utf8
 
 CHAINS = {"in": "PORTGUARD-IN", "out": "PORTGUARD-OUT"}
 BUILTIN = {"in": "INPUT", "out": "OUTPUT"}
 MULTIPORT_SLOTS = 15
-COMMENT_BYTES = 256
+# xt_comment holds 256 bytes with the terminating NUL: iptables keeps 255 and cuts the rest (inside a
+# character, too), so a longer rendered comment would differ from the live one on every run.
+COMMENT_BYTES = 255
 # Sets by (direction, family); the host module refuses any other name.
 SETS = {("in", 4): "portguard-in4", ("in", 6): "portguard-in6", ("out", 4): "portguard-out4", ("out", 6): "portguard-out6"}
 SET_FAMILY = {4: "inet", 6: "inet6"}
 SET_TYPE = "hash:net,port"
-SET_COMMENT_BYTES = 255  # the kernel's limit for an element comment
+SET_COMMENT_BYTES = 255  # ipset refuses a longer element comment ("longer than the maximum allowed 255")
 SET_PORT_SPAN = 64  # ports per entry at most in a set (one element per port); wider ranges stay rules
 SET_MAXELEM = 65536  # ipset's default; raised to the next power of two for more elements
 # The remote end's address and our port: the source for inbound, the destination for outbound.
@@ -54,6 +57,14 @@ ICMP6 = ("1", "2", "3", "4", "128")
 ICMP6_NO_PING = ("1", "2", "3", "4")
 ND6 = ("133", "134", "135", "136")
 MLD6 = ("130", "131", "132", "143")
+# Strings that iptables-save prints without quotes (xtables_save_string); anything else is quoted.
+_BARE_SAVE_STRING = re.compile(r"[A-Za-z0-9_-]+\Z", re.ASCII)
+
+
+def _save_string(value: str, what: str) -> str:
+    """``value`` as an iptables-restore argument, written as iptables-save writes it, so that they compare equal."""
+    rule_text(value, what)
+    return value if _BARE_SAVE_STRING.match(value) else f'"{value}"'
 
 
 @dataclass(frozen=True)
@@ -108,8 +119,8 @@ def _whitelist(chain: str, entries, direction: str) -> list[str]:
             else:
                 ports = f"-m multiport --dports {','.join(e.port_text(':') for e in chunk)}"
             comment = truncate_utf8("; ".join(dict.fromkeys(label.text() for e in chunk for label in e.labels)), COMMENT_BYTES)
-            rules.append(f'-A {chain} {_address_match(chunk[0], direction)} {ports} '
-                         f'-m comment --comment "{comment}" -j ACCEPT')
+            rules.append(f"-A {chain} {_address_match(chunk[0], direction)} {ports} "
+                         f"-m comment --comment {_save_string(comment, 'a comment')} -j ACCEPT")
     return rules
 
 
@@ -132,7 +143,8 @@ def set_elements(entries) -> list[str]:
     """``add`` arguments (without the set name) for the entries that go into a set, in a stable order."""
     elements = []
     for entry in sorted((e for e in entries if in_set(e)), key=lambda e: (e.addr_lo, e.addr_hi, e.proto, e.port_lo)):
-        comment = truncate_utf8("; ".join(dict.fromkeys(label.text() for label in entry.labels)), SET_COMMENT_BYTES)
+        comment = rule_text(truncate_utf8("; ".join(dict.fromkeys(label.text() for label in entry.labels)),
+                                          SET_COMMENT_BYTES), "a comment")
         port = f"{entry.proto}:{entry.port_text('-')}"
         elements += [f'{address},{port} comment "{comment}"'
                      for cidr in entry.cidrs() for address in _set_address(cidr)]
@@ -149,7 +161,7 @@ def _pow2(n: int) -> int:
 
 
 def _set_payload(policy: HostPolicy, directions) -> str:
-    lines = [f"# portguard.hardening ipsets for {policy.host}; generated, do not edit"]
+    lines = [f"# portguard.hardening ipsets for {rule_text(policy.host, 'the host name')}; generated, do not edit"]
     for direction in directions:
         pool = policy.ingress if direction == "in" else policy.egress
         for family in (4, 6):
@@ -189,7 +201,7 @@ def _chain_rules(policy: HostPolicy, family: int, direction: str, ipset: bool) -
     rules += _whitelist(chain, pool, direction)
     burst = f" --limit-burst {settings.log_burst}" if settings.log_burst != 5 else ""
     rules.append(f"-A {chain} -m limit --limit {settings.log_rate}/min{burst} "
-                 f'-j LOG --log-prefix "{settings.log_prefix}" --log-level 6')
+                 f"-j LOG --log-prefix {_save_string(settings.log_prefix, 'the log prefix')} --log-level 6")
     counted = f"-A {chain} -m comment --comment denied_{direction}"
     if settings.mode == "audit":
         rules.append(f"{counted} -j ACCEPT")
@@ -202,7 +214,8 @@ def _chain_rules(policy: HostPolicy, family: int, direction: str, ipset: bool) -
 
 
 def _payload(policy: HostPolicy, family: int, directions, ipset: bool) -> str:
-    lines = [f"# portguard.hardening IPv{family} chains for {policy.host}; generated, do not edit", "*filter"]
+    lines = [f"# portguard.hardening IPv{family} chains for {rule_text(policy.host, 'the host name')}; generated, do not edit",
+             "*filter"]
     lines += [f":{CHAINS[d]} - [0:0]" for d in directions]
     for direction in directions:
         lines += _chain_rules(policy, family, direction, ipset)

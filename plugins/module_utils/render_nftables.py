@@ -21,7 +21,11 @@ can be compared with the rendered one line by line (drift detection).
 """
 
 from ansible_collections.portguard.hardening.plugins.module_utils.policy import HostPolicy, interval_text
-from ansible_collections.portguard.hardening.plugins.module_utils.validate import truncate_utf8
+from ansible_collections.portguard.hardening.plugins.module_utils.validate import (
+    MAX_TEXT_BYTES,
+    rule_text,
+    truncate_utf8,
+)
 
 TABLE = "portguard"
 FAMILY_KEYWORDS = {4: ("ip", "ipv4_addr"), 6: ("ip6", "ipv6_addr")}
@@ -29,6 +33,7 @@ ICMP4 = ("destination-unreachable", "time-exceeded", "parameter-problem")
 ICMP6 = ("destination-unreachable", "packet-too-big", "time-exceeded", "parameter-problem")
 ND6 = ("nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert")
 MLD6 = ("mld-listener-query", "mld-listener-report", "mld-listener-done", "mld2-listener-report")
+COMMENT_BYTES = MAX_TEXT_BYTES  # nft refuses a longer comment ("comment too long, 128 characters maximum")
 
 
 def set_name(direction: str, family: int, proto: str) -> str:
@@ -36,7 +41,7 @@ def set_name(direction: str, family: int, proto: str) -> str:
 
 
 def element_comment(entry) -> str:
-    return truncate_utf8("; ".join(label.text() for label in entry.labels))
+    return rule_text(truncate_utf8("; ".join(label.text() for label in entry.labels), COMMENT_BYTES), "a comment")
 
 
 def _set_lines(name: str, family: int, entries) -> list[str]:
@@ -118,7 +123,7 @@ def chain_rules(policy: HostPolicy, direction: str) -> list[str]:
         for proto in ("tcp", "udp"):
             rules.append(f"{keyword} {addr} . {proto} dport @{set_name(direction, family, proto)} accept")
     burst = f" burst {settings.log_burst} packets" if settings.log_burst != 5 else ""
-    prefix = settings.log_prefix
+    prefix = rule_text(settings.log_prefix, "the log prefix")
     rules.append(f'limit rate {settings.log_rate}/minute{burst} counter log prefix "{prefix}" level info')
     counter = f'counter name "denied_{direction}"'
     if settings.mode == "audit":
@@ -134,7 +139,7 @@ def render_nftables(policy: HostPolicy) -> str:
     """The ``nft -f`` input that atomically replaces the ``inet portguard`` table."""
     directions = ["in", "out"] if policy.settings.egress else ["in"]
     lines = [
-        f"# portguard.hardening ruleset for {policy.host}; generated, do not edit",
+        f"# portguard.hardening ruleset for {rule_text(policy.host, 'the host name')}; generated, do not edit",
         f"table inet {TABLE}",
         f"delete table inet {TABLE}",
         f"table inet {TABLE} {{",

@@ -15,19 +15,55 @@ previous report left, and returns the host's report and the next state:
 
 ``summarize`` joins the host reports: unused allow entries per owner (zero
 hits on every host over the observed window), expired flows and flows about
-to expire; ``render_text`` and ``render_html`` show it.
+to expire; ``render_text`` and ``render_html`` show it. Names, purposes, owners
+and log details come from catalogs, inventories and hosts: both show what does
+not print as escapes (``printable``), and the page escapes markup on top.
 """
 
 import datetime
+import hashlib
 import html
 import ipaddress
+import string
 
 from ansible_collections.portguard.hardening.plugins.module_utils.policy import FAMILY_NAMES
+from ansible_collections.portguard.hardening.plugins.module_utils.printable import printable
 
 # The floor and the controller's own connection are kept whatever they carry: never removal candidates.
 KEPT_FLOWS = ("management", "controller")
 SKIP_GROUPS = ("all", "ungrouped")
 STATE_VERSION = 1
+
+
+# ---------------------------------------------------------------- file names
+_KEPT_CHARS = frozenset(string.ascii_letters + string.digits + "._-")
+# Names the summary writes next to the per-host files (report/report.json).
+_RESERVED_NAMES = ("report",)
+_NAME_LIMIT = 120
+
+
+def _quote(char: str) -> str:
+    return "".join(f"%{byte:02X}" for byte in char.encode("utf-8", "surrogatepass"))
+
+
+def report_file_name(host: str) -> str:
+    """The file name (without extension) of a host's reports: one path component, distinct per host.
+
+    Letters, digits, ``.``, ``_`` and ``-`` stay; every other character is ``%XX`` per UTF-8 byte
+    (``web/1`` is ``web%2F1``, ``web:1`` is ``web%3A1``, ``%`` itself ``%25``), and so is a leading dot or
+    dash (never ``..``, a hidden file or an option) and the first letter of a name the summary uses itself.
+    ``urllib.parse.unquote`` gives the host back. A name longer than 120 characters is cut and ends with
+    ``~`` and a hash of the whole name: ``~`` appears in no other name.
+    """
+    encoded = "".join(char if char in _KEPT_CHARS else _quote(char) for char in host)
+    if encoded[:1] in (".", "-") or encoded in _RESERVED_NAMES:
+        encoded = _quote(encoded[0]) + encoded[1:]
+    if encoded and len(encoded) <= _NAME_LIMIT:
+        return encoded
+    cut = encoded[:_NAME_LIMIT - 17]
+    if "%" in cut[-2:]:  # never half an escape
+        cut = cut[:cut.rindex("%")]
+    return f"{cut}~{hashlib.sha256(host.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
 
 
 def iso(stamp):
@@ -308,7 +344,7 @@ def summarize(reports: list[dict], expired: list[dict], expiring: list[dict]) ->
 
 
 def _table(header, rows) -> list[str]:
-    table = [header, *rows]
+    table = [[printable(value) for value in row] for row in [header, *rows]]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     return ["    " + "  ".join(str(v).ljust(widths[i]) for i, v in enumerate(row)).rstrip() for row in table]
 
@@ -357,12 +393,16 @@ def render_text(summary: dict) -> str:
     for flow in summary["expiring"]:
         out.append(f"expiring flow {flow['name']} on {flow['expires']} ({flow['days_left']} day(s) left), owners "
                    f"{', '.join(flow['owners']) or '-'}")
-    return "\n".join(out).rstrip() + "\n"
+    return "\n".join(printable(line) for line in out).rstrip() + "\n"
+
+
+def _html(value) -> str:
+    return html.escape(printable(value))
 
 
 def _html_table(header, rows, css="") -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
+    head = "".join(f"<th>{_html(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_html(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table class='{css}'><tr>{head}</tr>{body}</table>"
 
 
@@ -383,10 +423,10 @@ def render_html_section(summary: dict) -> str:
             [[owner, f"{i['flow']}/{i['service']}", i["purpose"], ", ".join(i["hosts"])]
              for owner, items in sorted(summary["unused_by_owner"].items()) for i in items]))
     for host, report in sorted(summary["hosts"].items()):
-        parts.append(f"<h2>{html.escape(host)}</h2><p>counters since {html.escape(str(report['counters_since']))}; "
-                     f"log: {html.escape(str(report['log']['source']))}"
-                     + (f"; {html.escape(report['log_note'])}" if report["log_note"] else "")
-                     + (f"; counters reset {html.escape(report['reset']['when'])}" if report["reset"] else "")
+        parts.append(f"<h2>{_html(host)}</h2><p>counters since {_html(report['counters_since'])}; "
+                     f"log: {_html(report['log']['source'])}"
+                     + (f"; {_html(report['log_note'])}" if report["log_note"] else "")
+                     + (f"; counters reset {_html(report['reset']['when'])}" if report["reset"] else "")
                      + "</p>")
         deny = report["deny_counters"]
         parts.append(_html_table(["counter", "total", "new"],
@@ -397,7 +437,7 @@ def render_html_section(summary: dict) -> str:
                 [[r["src"], r["name_text"], f"{r['port']}/{r['proto']}", r["new"], r["count"], r["first_seen"],
                   r["last_seen"]] for r in report["denied"]]))
         if report["unusual"]:
-            parts.append("<p class='bad'>Unusual sources: " + html.escape(
+            parts.append("<p class='bad'>Unusual sources: " + _html(
                 ", ".join(f"{u['src']} ({u['name_text']}) {u['count']}" for u in report["unusual"])) + "</p>")
         if report["flows"]:
             parts.append("<h3>Allowed per flow</h3>" + _html_table(
@@ -413,7 +453,7 @@ MARK_END = "<!-- portguard-activity:end -->"
 
 def render_html(summary: dict, title: str = "portguard port activity") -> str:
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
-            f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:1.5em}}"
+            f"<title>{_html(title)}</title><style>body{{font-family:sans-serif;margin:1.5em}}"
             "table{border-collapse:collapse;margin-bottom:1.5em}td,th{border:1px solid #ccc;padding:2px 6px;"
             "font-size:13px}.bad{background:#f4a6a6}</style></head><body>\n"
             f"{MARK_START}\n{render_html_section(summary)}\n{MARK_END}\n</body></html>\n")

@@ -1,6 +1,7 @@
 """Readable summaries of a compiled policy: one row per host, a plain-text table."""
 
 from ansible_collections.portguard.hardening.plugins.module_utils.policy import FAMILY_NAMES
+from ansible_collections.portguard.hardening.plugins.module_utils.printable import printable
 
 
 def host_row(policy, host: str) -> dict:
@@ -37,13 +38,14 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 
 def _cell(value) -> str:
+    """A table cell; host names and addresses come from inventories: what does not print is escaped."""
     if value is None:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, (list, tuple)):
-        return ", ".join(str(v) for v in value) or "-"
-    return str(value)
+        return printable(", ".join(str(v) for v in value)) or "-"
+    return printable(value)
 
 
 SUMMARY_COLUMNS = [
@@ -61,5 +63,5 @@ SUMMARY_COLUMNS = [
 def policy_summary(policy, hosts) -> str:
     rows = [host_row(policy, host) for host in sorted(hosts)]
     text = format_table(rows, SUMMARY_COLUMNS)
-    notes = [f"{f.level}: {f.path}: {f.message}" for f in policy.findings]
+    notes = [printable(f"{f.level}: {f.path}: {f.message}") for f in policy.findings]
     return text + ("\n\n" + "\n".join(notes) if notes else "")

@@ -13,9 +13,11 @@ import unicodedata
 
 from ansible_collections.portguard.hardening.plugins.module_utils.errors import (
     AddressError,
+    AmbiguousNameError,
     ExpiryError,
     PortError,
     ProtocolError,
+    RenderError,
     SchemaError,
     UnsafeStringError,
 )
@@ -27,13 +29,25 @@ PROTOCOLS = ("tcp", "udp")
 # syntax, or that a shell would interpret if someone pasted a rule.
 _FORBIDDEN_CHARS = frozenset("\"'\\`")
 _FORBIDDEN_RE = re.compile("[" + re.escape("".join(sorted(_FORBIDDEN_CHARS))) + "]")
-# Patterns end in \Z, not $: $ also matches before a trailing newline.
-_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}\Z")
-_V4_RE = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}(?:/(?:0|[1-9]\d?))?\Z")
-_V6_RE = re.compile(r"^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:/(?:0|[1-9]\d{0,2}))?\Z")
-_HOSTNAME_RE = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+\.?\Z")
-_PORT_RE = re.compile(r"^([1-9]\d{0,4})(?:-([1-9]\d{0,4}))?\Z")
-_LOG_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:= -]{1,29}\Z")
+# Patterns end in \Z, not $: $ also matches before a trailing newline. re.ASCII: \d is 0-9
+# only, not every Unicode digit that int() would read.
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}\Z", re.ASCII)
+_V4_RE = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}(?:/(?:0|[1-9]\d?))?\Z", re.ASCII)
+_V6_RE = re.compile(r"^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:/(?:0|[1-9]\d{0,2}))?\Z", re.ASCII)
+_HOSTNAME_RE = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+\.?\Z", re.ASCII)
+_PORT_RE = re.compile(r"^([1-9]\d{0,4})(?:-([1-9]\d{0,4}))?\Z", re.ASCII)
+_LOG_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:= -]{1,29}\Z", re.ASCII)
+# Inventory host and group names: the characters of catalog names, plus ':' (hosts named by an
+# IPv6 address), a leading digit or '_' (hosts named by an IPv4 address, Ansible group names),
+# up to the length of a DNS name. Dynamic inventories let other people choose these names.
+_INVENTORY_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,252}\Z", re.ASCII)
+_INVENTORY_NAME_BAD_RE = re.compile(r"[^A-Za-z0-9_.:-]", re.ASCII)
+# What a key may look like to be written bare in a path (portguard_networks.office).
+_PLAIN_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*\Z", re.ASCII)
+_SHOWN_CHARS = 40  # of a value, in messages
+# Never written into a rule, whatever validated it: what ends a quoted string or a line in nft,
+# iptables-restore or ipset restore input (every C0/C1 control, the Unicode line separators).
+_RULE_TEXT_UNSAFE_RE = re.compile(r'["\\\x00-\x1f\x7f-\x9f\u2028\u2029]')
 # Fast path of parse_network (a catalog holds thousands of addresses; ipaddress costs
 # about 10 us each): only plain forms that the full checks below accept. IPv4 as the
 # canonical dotted quad (what inet_ntoa writes back), IPv6 as hex groups of 1-4 ASCII
@@ -66,6 +80,66 @@ def type_name(value) -> str:
     if isinstance(value, (list, tuple)):
         return "a list"
     return type(value).__name__
+
+
+def shown(value) -> str:
+    """``value`` for a message: quoted, every non-printable character escaped, long values cut."""
+    if isinstance(value, str) and len(value) > _SHOWN_CHARS:
+        text = repr(value[:_SHOWN_CHARS])
+        return f"{text[:-1]}...{text[-1]}"
+    return repr(value) if value is None or isinstance(value, (str, int, float)) else type_name(value)
+
+
+def key_path(base: str, key) -> str:
+    """The path of ``key`` under ``base``: ``base.key``, or ``base['key']`` (escaped) for any other key.
+
+    A key comes from the inventory or the catalog before it is checked: written raw, a newline
+    or an escape sequence in it would reach the error message, the terminal and the CI log.
+    """
+    if isinstance(key, str) and _PLAIN_KEY_RE.match(key):
+        return f"{base}.{key}"
+    return f"{base}[{shown(key)}]"
+
+
+def check_inventory_name(value, kind: str) -> str:
+    """An inventory host (``kind`` "host") or group name, which the rendered rulesets may carry.
+
+    Refused names name the host or group (escaped) in the path ``hostvars[...]`` or ``groups[...]``.
+    """
+    if isinstance(value, str) and _INVENTORY_NAME_RE.match(value) and value not in ("any", "all"):
+        return value  # the common case, without building a path
+    path = key_path("hostvars" if kind == "host" else "groups", value)
+    if not isinstance(value, str):
+        raise SchemaError(path, f"an inventory {kind} name must be a string, got {type_name(value)}")
+    if not _INVENTORY_NAME_RE.match(value):
+        bad = _INVENTORY_NAME_BAD_RE.search(value)
+        found = f" ({shown(bad.group())} is not one)" if bad else ""
+        raise UnsafeStringError(path, f"inventory {kind} name refused: 1-253 letters, digits and '_', '.', ':', '-' "
+                                      f"are allowed, the first not '.', ':' or '-'{found}")
+    if value == "any" or (kind == "host" and value == "all"):
+        meaning = "every address" if value == "any" else "every inventory host"
+        raise AmbiguousNameError(path, f"an inventory {kind} cannot be named {value!r}: in flows it means {meaning}")
+    return value
+
+
+def check_host_target(value, path: str) -> str:
+    """``ansible_host`` that is not an address: a DNS name or a container name, kept out of rules."""
+    if not isinstance(value, str) or not _INVENTORY_NAME_RE.match(value):
+        raise UnsafeStringError(path, f"expected an address or a host name of letters, digits, '_', '.', ':', '-', "
+                                      f"got {shown(value)}")
+    return value
+
+
+def rule_text(value: str, what: str) -> str:
+    """``value`` as it goes into a rendered rule, or ``RenderError``: the renderers' own last check.
+
+    Everything the catalog and the inventory give is validated before; this keeps a
+    policy built some other way from ending a quoted string or a line of the payload.
+    """
+    if not isinstance(value, str) or _RULE_TEXT_UNSAFE_RE.search(value):
+        raise RenderError(f"refusing to render {what} {shown(value)}: a quote, backslash or control character "
+                          "would change the rule")
+    return value
 
 
 def check_text(value, path: str) -> str:
@@ -313,7 +387,7 @@ def parse_int(value, path: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise SchemaError(path, f"expected an integer {low}-{high}, got {type_name(value)}")
     if isinstance(value, str):
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):  # "²" and "١٢" are digits to isdigit, not all to int
             raise SchemaError(path, f"expected an integer {low}-{high}, got {value!r}")
         value = int(value)
     if not low <= value <= high:

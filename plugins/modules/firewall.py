@@ -56,14 +56,42 @@ options:
     description: The management-only ruleset loaded at boot if O(ruleset) fails to load. Same form as O(ruleset).
     type: raw
   state:
-    description: C(present) applies the ruleset; C(absent) removes our table or chains and persisted files.
+    description:
+      - C(present) applies the ruleset; C(absent) removes our table or chains and persisted files.
+      - C(absent) compiles no catalog (a broken catalog never blocks the removal); it reads only the host's
+        C(portguard_backend) and C(portguard_rollback_timeout).
     type: str
     choices: [present, absent]
     default: present
   rollback_timeout:
-    description: Seconds before an unconfirmed change reverts.
+    description:
+      - Seconds before an unconfirmed change reverts, 5 to 3600 (the bounds of C(portguard_rollback_timeout)).
+      - The action defaults to the host's C(portguard_rollback_timeout) (30 when unset); a value out of bounds
+        or not an integer is refused before any host is touched.
     type: int
     default: 30
+  confirm:
+    description:
+      - Action argument. Arm the revert before applying and confirm over a fresh connection; C(false) leaves a
+        change unguarded (nothing reverts a lockout).
+      - On a network connection (ssh, paramiko, winrm, psrp), C(false) is refused unless O(controller_addresses)
+        is given, so that the lockout check protects addresses that were stated, not guessed.
+      - Strings such as C("false") (from C(-e)) are read as booleans.
+    type: bool
+    default: true
+  controller_addresses:
+    description:
+      - Action argument. The addresses the host sees the controller connect from; the ruleset lets them in on
+        the connection's port and the action refuses a ruleset that would not.
+      - A list of IP addresses; a string (even one address) or an entry that is not an IP address is refused.
+        An empty list is refused on a network connection (it would turn the lockout check off).
+      - By default, on a network connection, the address the host saw (C(SSH_CONNECTION) of the module's process
+        or, under become, of its ancestors) and the controller's own source address towards the host.
+      - The port is the connection's effective port (C(ansible_port), C(ansible_ssh_port), C(remote_port) in
+        C(ansible.cfg), else C(Port) from the ssh client's configuration, as C(ssh -G) resolves it).
+      - Connections that use no network (podman, local) have no controller address to allow.
+    type: list
+    elements: str
   arm_rollback:
     description: Arm the revert before applying. The action plugin turns it off only when it cannot confirm.
     type: bool
@@ -120,10 +148,26 @@ host_facts:
   type: dict
 stale_change:
   description:
-    - Set when an earlier change was left unconfirmed by a revert process that died. A real run reverts it
-      before comparing (and reports a change); check mode only reports it.
+    - Set when an earlier change was left unconfirmed by a revert process that died (or has not acted 30 s
+      past its deadline). A real run reverts it before comparing (and reports a change); check mode only
+      reports it.
   returned: when such a change was found
   type: str
+table_missing:
+  description: Our table (or chains) is gone from the live ruleset although portguard applied it, so something
+    flushed it; a real run restores it.
+  returned: when so
+  type: str
+persistence_error:
+  description:
+    - Persisting for boot failed. The live ruleset stands (and, in phase C(confirm), is confirmed); only the
+      boot files or the boot unit are not as they should be. The task fails with this message.
+  returned: when persisting failed
+  type: str
+repeated:
+  description: The token was already confirmed (a repeated confirm after a lost reply); still C(state=confirmed).
+  returned: phase confirm, when so
+  type: bool
 state:
   description: For C(status) and C(confirm), C(confirmed), C(pending), C(reverted) or C(unknown).
   returned: phase status or confirm
@@ -137,7 +181,9 @@ from ansible_collections.portguard.hardening.plugins.module_utils.firewall_host 
     BACKENDS,
     Host,
     check_conflicts,
+    check_ruleset,
     detect,
+    flush_risks,
 )
 
 
@@ -150,23 +196,32 @@ def run_phase(module, params):
         return {"changed": False, **host.status(params["token"])}
     backend = BACKENDS[params["backend"]]()
     facts = detect()
-    if phase == "confirm":
-        result = host.confirm(params["token"])
-        if params["persist"]:
-            result["persistence"] = host.persist(backend, params["ruleset"], params["fallback"],
-                                                 check_mode=False, systemd=facts["systemd"], state=params["state"])
-        return {"changed": True, "backend": backend.name, **result}
-    if params["state"] == "present":
-        check_conflicts(backend.name, facts)
+    if params["state"] == "present" and (phase == "apply" or params["persist"]):
         if params["ruleset"] is None or params["fallback"] is None:
             module.fail_json(msg="ruleset and fallback are required with state=present; use the action plugin")
+        # The module can be called directly: what it loads as root is checked here too, not only rendered safely.
+        check_ruleset(backend.name, params["ruleset"], "ruleset")
+        check_ruleset(backend.name, params["fallback"], "fallback")
+    persist = {"backend": backend, "ruleset": params["ruleset"], "fallback": params["fallback"],
+               "systemd": facts["systemd"], "state": params["state"]} if params["persist"] else None
+    if phase == "confirm":
+        return persisted({"changed": True, "backend": backend.name, **host.confirm(params["token"], persist)},
+                         "the ruleset is live and confirmed")
+    if params["state"] == "present":
+        check_conflicts(backend.name, facts)
+        for risk in flush_risks(backend.name, facts):
+            module.warn(f"{risk}. The boot unit loads ours after it and again when it reloads or restarts; "
+                        "a manual reload of its files removes ours until the next run (docs/firewall.md, Boot order).")
     result = host.apply(backend, params["ruleset"], check_mode=module.check_mode, arm=params["arm_rollback"],
-                        timeout=params["rollback_timeout"], state=params["state"])
-    if params["persist"] and (module.check_mode or not result["token"]):
-        persistence = host.persist(backend, params["ruleset"], params["fallback"], check_mode=module.check_mode,
-                                   systemd=facts["systemd"], state=params["state"])
-        result["persistence"] = persistence
-        result["changed"] = result["changed"] or persistence["changed"]
+                        timeout=params["rollback_timeout"], state=params["state"], persist=persist)
+    return persisted(result, "the live ruleset is as the catalog says")
+
+
+def persisted(result, live):
+    """A persistence error fails the task as what it is: the live rules stand, the boot files do not."""
+    if result.get("persistence_error"):
+        result["failed"] = True
+        result["msg"] = f"{live}, but persisting it for boot failed: {result['persistence_error']}"
     return result
 
 
@@ -179,6 +234,9 @@ def main():
             "fallback": {"type": "raw"},
             "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
             "rollback_timeout": {"type": "int", "default": 30},
+            # arguments of the action (documented above); the module receives them only when called alone
+            "confirm": {"type": "bool", "default": True},
+            "controller_addresses": {"type": "list", "elements": "str"},
             "arm_rollback": {"type": "bool", "default": True},
             "persist": {"type": "bool", "default": True},
             "token": {"type": "str", "no_log": False},
@@ -190,6 +248,8 @@ def main():
         result = run_phase(module, module.params)
     except PortguardError as exc:
         module.fail_json(msg=str(exc), changed=False)
+    if result.get("failed"):
+        module.fail_json(**result)
     module.exit_json(**result)
 
 

@@ -22,8 +22,13 @@ description:
     service and protocol, port ranges collapsed (a range counts as listening when any port of it does).
   - A socket bound to a specific address counts as reachable even when that address is not one of
     C(portguard_addresses). An IPv6 socket on V(::) that also accepts IPv4 is approved by IPv4 and IPv6 entries.
-  - Writes C(<report_dir>/audit/<inventory_hostname>.json) and C(<report_dir>/audit/<inventory_hostname>.xml)
+  - Writes C(<report_dir>/audit/<host>.json) and C(<report_dir>/audit/<host>.xml)
     (JUnit) on the controller. Writing reports is not a change - the task always reports C(changed=false).
+  - C(<host>) is the inventory host name with every byte but letters, digits, C(.), C(_) and C(-) written C(%XX)
+    (also a leading dot or dash), cut with a hash suffix past 120 characters - one file per host, always inside
+    O(report_dir).
+  - Process names and command lines are chosen by the process's user - the failure message and the JUnit file show
+    every character that does not print as an escape (C(\x1b)), so the JUnit file stays well-formed XML.
 author:
   - portguard maintainers (@portguard)
 options:
@@ -130,7 +135,8 @@ approved:
       description: The device the socket is bound to, or null.
       type: str
     process:
-      description: The process name, or null when no process could be found.
+      description: The process name (display-safe, as M(portguard.hardening.port_facts) reports it), or null when no
+        process could be found.
       type: str
     pid:
       description: The lowest pid holding the socket, or null.

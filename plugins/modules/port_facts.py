@@ -148,10 +148,15 @@ ansible_facts:
           type: list
           elements: int
         name:
-          description: The process name (C(/proc/[pid]/comm)) of RV(ansible_facts.portguard_listeners[].pid), or null.
+          description:
+            - The process name (C(/proc/[pid]/comm)) of RV(ansible_facts.portguard_listeners[].pid), or null.
+            - Display-safe and exact - the process's user chose it, so every character that does not print is an
+              escape (C(\x1b) for a control byte or a byte that is not UTF-8, C(\u202e) for a bidi override),
+              and a backslash is doubled.
           type: str
         cmdline:
-          description: The command line of that process, arguments separated by spaces, or null.
+          description: The command line of that process, arguments separated by spaces, display-safe as
+            RV(ansible_facts.portguard_listeners[].name), or null.
           type: str
         uid:
           description: The effective uid of that process; without a process, the uid that created the socket.

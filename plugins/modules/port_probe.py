@@ -54,6 +54,8 @@ options:
   ports:
     description:
       - Extra TCP ports to probe on every address of O(sweep_addresses), as ranges like C(1-65535).
+      - One call probes at most 131072 targets (O(targets) plus O(sweep_addresses) times these ports), a
+        full sweep of two addresses; a larger request fails before anything is sent.
     type: list
     elements: str
     default: []
@@ -113,16 +115,18 @@ elapsed:
 """
 
 import ipaddress
+import itertools
 import time
 
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.portguard.hardening.plugins.module_utils.errors import PortguardError
-from ansible_collections.portguard.hardening.plugins.module_utils.probe import ProbeError, probe_ports
+from ansible_collections.portguard.hardening.plugins.module_utils.probe import MAX_TARGETS, ProbeError, probe_ports
 from ansible_collections.portguard.hardening.plugins.module_utils.validate import parse_ports
 
 
 def build_targets(params):
+    """The targets, then the sweep, as a lazy iterable; refused before anything is built when there are too many."""
     targets = []
     for item in params["targets"]:
         source = item["source"] or params["source"]
@@ -130,11 +134,15 @@ def build_targets(params):
     ranges = []
     for index, spec in enumerate(params["ports"]):
         ranges.extend(parse_ports(spec, f"ports[{index}]"))
-    for address in params["sweep_addresses"]:
-        address = str(ipaddress.ip_address(address))
-        for low, high in ranges:
-            targets.extend((address, port, "tcp", params["source"]) for port in range(low, high + 1))
-    return targets
+    addresses = [str(ipaddress.ip_address(address)) for address in params["sweep_addresses"]]
+    swept = sum(high - low + 1 for low, high in ranges)
+    count = len(targets) + len(addresses) * swept
+    if count > MAX_TARGETS:
+        raise ProbeError(f"{count} targets ({len(targets)} targets + {len(addresses)} sweep_addresses x {swept} ports) "
+                         f"is more than the {MAX_TARGETS} one call may probe: split them over several tasks")
+    sweep = ((address, port, "tcp", params["source"])
+             for address in addresses for low, high in ranges for port in range(low, high + 1))
+    return itertools.chain(targets, sweep)
 
 
 def main():
@@ -156,6 +164,8 @@ def main():
     )
     try:
         targets = build_targets(module.params)
+    except ProbeError as exc:
+        module.fail_json(msg=f"cannot probe: {exc}")
     except (ValueError, PortguardError) as exc:
         module.fail_json(msg=f"bad target: {exc}")
     started = time.monotonic()

@@ -21,7 +21,10 @@ description:
   - New since the last report - counter deltas and the log lines after the saved cursor; when the counters were
     reset in between (an apply that changed the ruleset, a revert, a reboot) the report says when.
   - Writes C(<report_dir>/report/<host>.json) and the state the next report starts from
-    (C(<report_dir>/report/state/<host>.json)).
+    (C(<report_dir>/report/state/<host>.json)); C(<host>) is the host name written as M(portguard.hardening.port_audit)
+    writes it (C(%XX) for every byte but letters, digits, C(.), C(_) and C(-)).
+  - Counts only the kernel's own log records (facility 0) whose message starts with the host's log prefix - the
+    prefix elsewhere in a kernel line is text a local user chose.
   - With O(summarize=true) (run once, with the host reports in O(reports)), lists allow entries with zero hits on
     every host per owner (candidates to remove; the management floor and the controller's connection are never
     listed), expired flows and flows expiring within O(expiring_days), writes C(report/report.json),

@@ -10,9 +10,12 @@ not touch. The iptables backends load through the host module's own steps
 the per-source rules fallback.
 """
 
+import contextlib
 import re
+import secrets
+import shutil
 
-from kernel_lab import NetLab, compare, denied_states, matrix, normalize_nft, rendered_table, short
+from kernel_lab import NetLab, compare, denied_states, matrix, normalize_nft, rendered_table, require, run, short
 
 from ansible_collections.portguard.hardening.plugins.module_utils import firewall_host
 from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import render_iptables
@@ -70,6 +73,42 @@ FOREIGN_IPSET = """create f2b-sshd hash:ip family inet hashsize 1024 maxelem 655
 add f2b-sshd 198.51.100.7 packets 0 bytes 0 comment "banned"
 """
 FOREIGN_SET_RULE = ("-A", "INPUT", "-m", "set", "--match-set", "f2b-sshd", "src", "-p", "tcp", "--dport", "22", "-j", "DROP")
+
+
+class ScratchNamespace:
+    """One namespace without a network, for tests that load and read back rulesets but send no packets.
+
+    It stands in for a ``NetLab`` wherever a backend only loads and lists (``dst`` is the namespace).
+    """
+
+    def __init__(self):
+        self.dst = f"pg-scratch-{secrets.token_hex(3)}"
+        self.used_legacy = False
+
+    def ns(self, namespace: str, *command: str, input: str | None = None, check: bool = True):
+        return run("ip", "netns", "exec", namespace, *command, input=input, check=check)
+
+    def reset_firewall(self) -> None:
+        """Empty every table and set of this namespace (and only of it)."""
+        self.ns(self.dst, "nft", "flush", "ruleset")
+        if self.used_legacy:
+            for tool in ("iptables-legacy", "ip6tables-legacy"):
+                self.ns(self.dst, tool, "-w", "-t", "filter", "-F")
+                self.ns(self.dst, tool, "-w", "-t", "filter", "-X")
+        if shutil.which("ipset"):
+            self.ns(self.dst, "ipset", "destroy")
+
+
+@contextlib.contextmanager
+def scratch_namespace():
+    """A ``ScratchNamespace`` that exists inside the ``with`` block; reset it before use."""
+    require("ip", "nft")
+    namespace = ScratchNamespace()
+    run("ip", "netns", "add", namespace.dst)
+    try:
+        yield namespace
+    finally:
+        run("ip", "netns", "delete", namespace.dst, check=False)
 
 
 def nft_tables(lab: NetLab) -> list[tuple[str, str]]:

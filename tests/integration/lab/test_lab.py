@@ -124,7 +124,9 @@ def lab(tmp_path_factory):
 
     # Two test runs on one machine (two checkouts, xdist) would fight over the same
     # container names and network: the second waits for the first.
-    lock = open(Path(tempfile.gettempdir()) / "portguard-labtest.lock", "w", encoding="utf-8")
+    # Opened without truncation and not through a symlink another user may have planted in /tmp.
+    lock = os.fdopen(os.open(Path(tempfile.gettempdir()) / "portguard-labtest.lock",
+                             os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600), "w")
     fcntl.flock(lock, fcntl.LOCK_EX)
     state = tmp_path_factory.mktemp("lab")
     lab = Lab(state)

@@ -14,15 +14,18 @@ def records():
 
 
 def test_parse_kmsg_record():
-    seq, usec, message = activity.parse_kmsg_record(records()[0] + "\n SUBSYSTEM=net\n")
-    assert (seq, usec) == (1766, 3160218012)
+    facility, seq, usec, message = activity.parse_kmsg_record(records()[0] + "\n SUBSYSTEM=net\n")
+    assert (facility, seq, usec) == (activity.KERNEL_FACILITY, 1766, 3160218012)
     assert message.startswith("portguard-deny: IN=pgr-vb OUT= ")
+    # written to /dev/kmsg from user space: priority 12 is user.warning
+    assert activity.parse_kmsg_record("12,1800,1,-;portguard-deny: IN=eth0")[0] == 1
     assert activity.parse_kmsg_record("garbage") is None
     assert activity.parse_kmsg_record("6,x,1,-;text") is None
+    assert activity.parse_kmsg_record("x,1,1,-;text") is None
 
 
 def test_parse_captured_lines():
-    events = [activity.parse_log_message(activity.parse_kmsg_record(r)[2], PREFIX) for r in records()]
+    events = [activity.parse_log_message(activity.parse_kmsg_record(r)[3], PREFIX) for r in records()]
     assert events[0] == {"direction": "in", "src": "172.30.111.1", "dst": "172.30.111.2", "proto": "tcp", "port": 6379}
     assert events[1] == {"direction": "in", "src": "172.30.111.1", "dst": "172.30.111.2", "proto": "udp", "port": 161}
     # the kernel writes IPv6 addresses fully expanded; they come out as ipaddress writes them
@@ -34,11 +37,13 @@ def test_parse_captured_lines():
 
 
 def test_parse_outbound_and_other_prefix():
-    line = ("[ 12.5] pg-out: IN= OUT=eth0 SRC=10.0.0.5 DST=10.0.0.9 LEN=60 TOS=0x00 PREC=0x00 TTL=64 ID=1 DF "
+    line = ("pg-out: IN= OUT=eth0 SRC=10.0.0.5 DST=10.0.0.9 LEN=60 TOS=0x00 PREC=0x00 TTL=64 ID=1 DF "
             "PROTO=TCP SPT=4000 DPT=5432 WINDOW=1 RES=0x00 SYN URGP=0")
     assert activity.parse_log_message(line, "pg-out: ") == {
         "direction": "out", "src": "10.0.0.5", "dst": "10.0.0.9", "proto": "tcp", "port": 5432}
     assert activity.parse_log_message(line, PREFIX) is None
+    # the prefix anywhere but at the start is someone else's text (a crashing file's name, say)
+    assert activity.parse_log_message("traps: a.out[1] segfault in x " + line, "pg-out: ") is None
     assert activity.parse_log_message("portguard-deny: IN=eth0 SRC=bogus DST=1.2.3.4 PROTO=TCP", PREFIX) is None
 
 
@@ -76,6 +81,54 @@ def test_read_kmsg_groups_filters_and_cursor(monkeypatch, tmp_path):
     assert lost["lost"] is True
     other_boot = activity.read_kmsg(PREFIX, ["172.30.111.2"], since={"source": "kmsg", "boot_id": "boot-0", "seq": 1771})
     assert other_boot["lines"] == 3
+
+
+FORGED = (
+    # a user-space write to /dev/kmsg: the kernel files it under the user facility (14 = user.info)
+    "14,1772,3172000000,-;portguard-deny: IN=pgr-vb OUT= SRC=203.0.113.9 DST=172.30.111.2 PROTO=TCP SPT=1 DPT=22\n",
+    # a kernel record whose end a local user chose: the prefix in the middle
+    "6,1773,3173000000,-;traps: a.out[1] segfault at 0 ip 0 sp 0 error 4 in portguard-deny: IN=pgr-vb OUT= "
+    "SRC=203.0.113.7 DST=172.30.111.2 PROTO=TCP SPT=1 DPT=23 [1000+1000]\n",
+)
+GENUINE = ("6,1774,3174000000,-;portguard-deny: IN=pgr-vb OUT= SRC=172.30.111.1 DST=172.30.111.2 "
+           "LEN=60 PROTO=TCP SPT=47610 DPT=6379 SYN\n")
+
+
+def test_read_kmsg_ignores_forged_records(monkeypatch):
+    queue = []
+
+    def fake_read(fd, size):
+        if not queue:
+            raise BlockingIOError
+        return queue.pop(0).encode()
+
+    monkeypatch.setattr(activity.os, "open", lambda path, flags: queue.extend([*FORGED, GENUINE]) or 99)
+    monkeypatch.setattr(activity.os, "read", fake_read)
+    monkeypatch.setattr(activity.os, "close", lambda fd: None)
+    monkeypatch.setattr(activity, "_boot_id", lambda: "b")
+    result = activity.read_kmsg(PREFIX, ["172.30.111.2"])
+    assert [(g["src"], g["port"], g["count"]) for g in result["groups"]] == [("172.30.111.1", 6379, 1)]
+    assert result["cursor"]["seq"] == 1774 and result["lost"] is False
+
+
+def test_read_journal_keeps_kernel_facility_records_only(monkeypatch):
+    def entry(message, facility, cursor):
+        return json.dumps({"MESSAGE": message, "SYSLOG_FACILITY": facility, "_TRANSPORT": "kernel",
+                           "__CURSOR": cursor, "__REALTIME_TIMESTAMP": "1700000000000000"})
+
+    lines = [entry(FORGED[0].split(";", 1)[1].strip(), "1", "c1"), entry(FORGED[1].split(";", 1)[1].strip(), "0", "c2"),
+             entry(GENUINE.split(";", 1)[1].strip(), "0", "c3")]
+    seen = {}
+
+    def fake_run(argv, **kwargs):
+        seen["argv"] = argv
+        return activity.subprocess.CompletedProcess(argv, 0, "\n".join(lines) + "\n", "")
+
+    monkeypatch.setattr(activity.subprocess, "run", fake_run)
+    result = activity.read_journal(PREFIX, ["172.30.111.2"])
+    assert [(g["src"], g["port"]) for g in result["groups"]] == [("172.30.111.1", 6379)]
+    assert result["cursor"] == {"source": "journal", "cursor": "c3"}
+    assert "SYSLOG_FACILITY=0" in seen["argv"]
 
 
 def test_read_log_without_kmsg_or_journal(tmp_path, monkeypatch):

@@ -370,6 +370,39 @@ def test_bad_targets_are_refused_before_anything_is_sent(servers, target, messag
     assert listener.peers == [], "a probe was sent before the bad target was refused"
 
 
+def test_more_targets_than_one_call_may_probe_are_refused_unread(servers):
+    """A generator of 2 x MAX_TARGETS targets: refused after reading one past the bound, before any probe."""
+    listener = servers(TcpListener, V4)
+    read = []
+
+    def many():
+        for _index in range(2 * probe_mod.MAX_TARGETS):
+            read.append(1)
+            yield (V4, listener.port, "tcp")
+
+    with pytest.raises(ProbeError, match=f"more than {probe_mod.MAX_TARGETS} targets in one call"):
+        probe_ports(many(), timeout=0.5)
+    assert len(read) == probe_mod.MAX_TARGETS + 1
+    time.sleep(0.05)
+    assert listener.peers == [], "a probe was sent before the request was refused"
+
+
+def test_a_generator_of_targets_is_probed_in_order(servers):
+    listener = servers(TcpListener, V4)
+    closed = free_port(V4)
+    results = probe_ports(((V4, port, "tcp") for port in (listener.port, closed)), timeout=2)
+    assert [r["state"] for r in results] == [OPEN, CLOSED]
+
+
+def test_udp_requests_carry_a_nonce_and_replies_are_never_requests():
+    first, second = probe_mod.udp_request(), probe_mod.udp_request()
+    assert len(first) == len(second) == probe_mod.REQUEST_BYTES
+    assert first.startswith(probe_mod.REQUEST_MAGIC) and first != second
+    # The listener answers REPLY_MAGIC + nonce: same length, other magic, so never itself a request.
+    assert len(probe_mod.REPLY_MAGIC) == len(probe_mod.REQUEST_MAGIC)
+    assert probe_mod.REPLY_MAGIC != probe_mod.REQUEST_MAGIC
+
+
 def test_a_source_that_is_not_local_fails_the_run_naming_the_target(servers):
     listener = servers(TcpListener, V4)
     with pytest.raises(ProbeError, match=r"targets\[1\].*192\.0\.2\.1") as caught:
