@@ -39,9 +39,9 @@ def worker(mode: str, workdir: Path) -> dict:
     import ansible.plugins.action  # noqa: F401 - a worker has ansible-core imported
     import gen_catalog
 
-    from ansible_collections.portguard.hardening.plugins.module_utils.catalog import catalog_vars
-    from ansible_collections.portguard.hardening.plugins.module_utils.policy import gc_paused
-    from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import render_nftables
+    from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables
+    from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import catalog_vars
+    from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import gc_paused
     from ansible_collections.portguard.hardening.plugins.plugin_utils import compile_cache
 
     data = json.loads((workdir / "catalog.json").read_text())
@@ -74,7 +74,7 @@ def prepare(workdir: Path) -> None:
 
     import gen_catalog
 
-    from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog
+    from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
     from ansible_collections.portguard.hardening.plugins.plugin_utils import compile_cache
 
     generated = gen_catalog.generate()

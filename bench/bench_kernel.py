@@ -40,8 +40,8 @@ setup_path()
 
 import gen_catalog  # noqa: E402
 
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog  # noqa: E402
-from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import render_nftables  # noqa: E402
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables  # noqa: E402
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog  # noqa: E402
 
 
 def run(namespace: str, *args: str) -> tuple[float, float]:

@@ -37,7 +37,7 @@ import _common
 
 _common.setup_path()
 
-from ansible_collections.portguard.hardening.plugins.module_utils.listeners import (  # noqa: E402
+from ansible_collections.portguard.hardening.plugins.module_utils.host.listeners import (  # noqa: E402
     collect_listeners,
 )
 

@@ -52,11 +52,11 @@ import _common
 
 _common.setup_path()
 
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog  # noqa: E402
-from ansible_collections.portguard.hardening.plugins.module_utils.matrix import probe_ports_of  # noqa: E402
-from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import (  # noqa: E402
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import (  # noqa: E402
     render_nftables,
 )
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog  # noqa: E402
+from ansible_collections.portguard.hardening.plugins.module_utils.core.verify.matrix import probe_ports_of  # noqa: E402
 
 AGENT = _common.ROOT / "tests" / "kernel" / "nsagent.py"
 RUNNER = _common.ROOT / "tests" / "kernel" / "probe_runner.py"

@@ -63,9 +63,9 @@ def one_repeat(workdir: Path) -> dict:
     """One measurement of our side and of Aerleon's library, in this process: metric -> (wall, cpu)."""
     import gen_catalog
 
-    from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog
-    from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import render_iptables
-    from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import render_nftables
+    from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables
+    from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables
+    from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
 
     data = json.loads((workdir / "catalog.json").read_text())
     variables, groups, hostvars, big = data["variables"], data["groups"], data["hostvars"], data["big_host"]

@@ -15,14 +15,14 @@ import time
 from ansible.errors import AnsibleActionFail, AnsibleConnectionFailure
 from ansible.plugins.action import ActionBase
 
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import (
     NETWORK_CONNECTIONS,
     ROLLBACK_TIMEOUT_RANGE,
 )
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import LockoutError, PortguardError
-from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import render_iptables
-from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import render_nftables
-from ansible_collections.portguard.hardening.plugins.module_utils.validate import parse_choice, parse_int
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import LockoutError, PortguardError
+from ansible_collections.portguard.hardening.plugins.module_utils.core.validate import parse_choice, parse_int
 from ansible_collections.portguard.hardening.plugins.plugin_utils.compile_cache import compiled_policy
 
 BACKEND_CHOICES = ("auto", "nftables", "iptables")

@@ -11,7 +11,7 @@ import tempfile
 from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
 
-from ansible_collections.portguard.hardening.plugins.module_utils.audit import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.audit import (
     FAIL_ON,
     LISTS,
     audit_listeners,
@@ -21,8 +21,8 @@ from ansible_collections.portguard.hardening.plugins.module_utils.audit import (
     violation_table,
     violations,
 )
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import PortguardError
-from ansible_collections.portguard.hardening.plugins.module_utils.report import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import PortguardError
+from ansible_collections.portguard.hardening.plugins.module_utils.core.report.activity_report import (
     report_file_name as _file_name,  # one distinct, safe file name per host; port_report imports it from here
 )
 from ansible_collections.portguard.hardening.plugins.plugin_utils.compile_cache import compiled_policy

@@ -18,8 +18,8 @@ from ansible.plugins.action import ActionBase
 from ansible.utils.display import Display
 
 from ansible_collections.portguard.hardening.plugins.action.port_audit import DEFAULT_REPORT_DIR, _file_name, _write
-from ansible_collections.portguard.hardening.plugins.module_utils import report as reporting
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import PortguardError
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import PortguardError
+from ansible_collections.portguard.hardening.plugins.module_utils.core.report import activity_report as reporting
 from ansible_collections.portguard.hardening.plugins.plugin_utils.compile_cache import compiled_policy
 
 ARGUMENT_SPEC = {

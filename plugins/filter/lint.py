@@ -4,8 +4,11 @@ import datetime
 
 from ansible.errors import AnsibleFilterError
 
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import CATALOG_VARS, select_hostvars
-from ansible_collections.portguard.hardening.plugins.module_utils.lint import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import (
+    CATALOG_VARS,
+    select_hostvars,
+)
+from ansible_collections.portguard.hardening.plugins.module_utils.core.lint import (
     DEFAULT_EXPIRING_DAYS,
     lint_catalog,
     lint_report,

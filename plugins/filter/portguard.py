@@ -2,16 +2,16 @@
 
 from ansible.errors import AnsibleFilterError
 
-from ansible_collections.portguard.hardening.plugins.module_utils import matrix
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import (
     CATALOG_VARS,
     compile_cached,
     select_hostvars,
 )
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import PortguardError
-from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import render_iptables
-from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import render_nftables
-from ansible_collections.portguard.hardening.plugins.module_utils.summary import policy_summary
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import PortguardError
+from ansible_collections.portguard.hardening.plugins.module_utils.core.summary import policy_summary
+from ansible_collections.portguard.hardening.plugins.module_utils.core.verify import matrix
 
 
 def _policy(hostvars, groups, host):

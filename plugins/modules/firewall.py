@@ -176,8 +176,8 @@ state:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import PortguardError
-from ansible_collections.portguard.hardening.plugins.module_utils.firewall_host import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import PortguardError
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.transaction import (
     BACKENDS,
     Host,
     check_conflicts,

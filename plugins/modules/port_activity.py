@@ -99,7 +99,7 @@ log:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.portguard.hardening.plugins.module_utils.activity import read_activity
+from ansible_collections.portguard.hardening.plugins.module_utils.host.activity import read_activity
 
 
 def main():

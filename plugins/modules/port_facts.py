@@ -168,10 +168,10 @@ ansible_facts:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import (
     PortguardError,
 )
-from ansible_collections.portguard.hardening.plugins.module_utils.listeners import (
+from ansible_collections.portguard.hardening.plugins.module_utils.host.listeners import (
     collect_listeners,
 )
 

@@ -120,9 +120,9 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import PortguardError
-from ansible_collections.portguard.hardening.plugins.module_utils.probe import MAX_TARGETS, ProbeError, probe_ports
-from ansible_collections.portguard.hardening.plugins.module_utils.validate import parse_ports
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import PortguardError
+from ansible_collections.portguard.hardening.plugins.module_utils.core.validate import parse_ports
+from ansible_collections.portguard.hardening.plugins.module_utils.host.probe import MAX_TARGETS, ProbeError, probe_ports
 
 
 def build_targets(params):

@@ -105,7 +105,11 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.portguard.hardening.plugins.module_utils.probe import REPLY_MAGIC, REQUEST_BYTES, REQUEST_MAGIC
+from ansible_collections.portguard.hardening.plugins.module_utils.host.probe import (
+    REPLY_MAGIC,
+    REQUEST_BYTES,
+    REQUEST_MAGIC,
+)
 
 STATE_FILE = "/run/portguard/listener.json"
 # In the listener's command line: with the pid and its start time, it tells our listener from a stranger.

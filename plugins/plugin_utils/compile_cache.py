@@ -31,13 +31,14 @@ import time
 
 from ansible.errors import AnsibleActionFail
 
-from ansible_collections.portguard.hardening.plugins.module_utils import catalog, policy
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core import policy
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog import compiler as catalog
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import (
     catalog_vars,
     compile_catalog,
     select_hostvars,
 )
-from ansible_collections.portguard.hardening.plugins.module_utils.policy import gc_paused
+from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import gc_paused
 
 CACHE_MAX_AGE = 3600
 SIGNING_KEY_FILE = "signing-key"

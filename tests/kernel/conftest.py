@@ -6,7 +6,7 @@ import pytest
 from kernel_backends import Iptables, Nftables
 from kernel_lab import HOSTS, TODAY, NetLab, build_sample, require
 
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
 
 LAB_TOOLS = ("ip", "nft", "sysctl")
 BACKENDS = {"nftables": Nftables, "iptables": lambda: Iptables("default"),

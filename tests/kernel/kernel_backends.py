@@ -17,9 +17,9 @@ import shutil
 
 from kernel_lab import NetLab, compare, denied_states, matrix, normalize_nft, rendered_table, require, run, short
 
-from ansible_collections.portguard.hardening.plugins.module_utils import firewall_host
-from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import render_iptables
-from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import render_nftables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall import transaction as firewall_host
 
 # A fail2ban-like native table: a base chain of its own on the input hook,
 # banning an address the sample never uses.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / ".build" / "collections"))
 
-from ansible_collections.portguard.hardening.plugins.module_utils.listeners import (
+from ansible_collections.portguard.hardening.plugins.module_utils.host.listeners import (
     collect_listeners,
 )
 

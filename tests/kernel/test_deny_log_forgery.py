@@ -27,8 +27,8 @@ import pytest
 from kernel_lab import IN_CI, require
 from test_log_flood import CATALOG, DST, HOSTVARS, NF_LOG_ALL_NETNS, SRC, load, namespaces, namespaces_log
 
-from ansible_collections.portguard.hardening.plugins.module_utils import activity
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
+from ansible_collections.portguard.hardening.plugins.module_utils.host import activity
 
 pytestmark = [pytest.mark.kernel]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from kernel_lab import require
 
-from ansible_collections.portguard.hardening.plugins.module_utils.firewall_host import normalize_nft
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.transaction import normalize_nft
 
 pytestmark = pytest.mark.kernel
 

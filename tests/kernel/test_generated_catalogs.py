@@ -18,9 +18,9 @@ import pytest
 from kernel_backends import check_traffic
 from kernel_lab import TODAY, NetLab, build_sample, merge_samples, require
 
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog
-from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import render_iptables
-from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import render_nftables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
 
 pytestmark = pytest.mark.kernel
 

@@ -32,16 +32,16 @@ from hypothesis import strategies as st
 from kernel_backends import Iptables, scratch_namespace
 from kernel_lab import require
 
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import CatalogError
-from ansible_collections.portguard.hardening.plugins.module_utils.policy import HostPolicy
-from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import (
     chain_rules,
     element_comment,
     render_nftables,
     set_name,
 )
-from ansible_collections.portguard.hardening.plugins.module_utils.validate import key_path
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import CatalogError
+from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import HostPolicy
+from ansible_collections.portguard.hardening.plugins.module_utils.core.validate import key_path
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

@@ -21,10 +21,10 @@ from kernel_backends import FOREIGN_NFT, scratch_namespace
 from kernel_lab import require
 
 from ansible_collections.portguard.hardening.plugins.filter.portguard import ruleset
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import CatalogError
-from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import render_iptables
-from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import render_nftables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import CatalogError
 
 pytestmark = pytest.mark.kernel
 

@@ -14,7 +14,7 @@ import sys
 import pytest
 from kernel_backends import Iptables, check_traffic
 
-from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import render_iptables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables
 
 pytestmark = pytest.mark.kernel
 
@@ -23,7 +23,7 @@ AGENT = r"""
 import json, sys
 request = json.load(sys.stdin)
 sys.path[:0] = request["sys_path"]
-from ansible_collections.portguard.hardening.plugins.module_utils import firewall_host
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall import transaction as firewall_host
 backend = firewall_host.IptablesBackend(request["suffix"])
 op, out = request["op"], None
 if op == "apply":

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 from kernel_lab import require
 
-from ansible_collections.portguard.hardening.plugins.module_utils import activity
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog
-from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import render_iptables
-from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import render_nftables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
+from ansible_collections.portguard.hardening.plugins.module_utils.host import activity
 
 pytestmark = [pytest.mark.kernel]
 

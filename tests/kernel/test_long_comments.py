@@ -19,8 +19,8 @@ from kernel_backends import Nftables, scratch_namespace
 from kernel_lab import require
 from test_iptables_host import host
 
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog
-from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import render_iptables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
 
 pytestmark = pytest.mark.kernel
 

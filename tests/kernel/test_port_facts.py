@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.portguard.hardening.plugins.module_utils.listeners import collect_listeners
+from ansible_collections.portguard.hardening.plugins.module_utils.host.listeners import collect_listeners
 
 ROOT = Path(__file__).resolve().parents[2]
 HELPER = Path(__file__).with_name("port_facts_netns.py")

@@ -33,8 +33,8 @@ from pathlib import Path
 import pytest
 from kernel_lab import NetLab, Sample, require
 
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog
-from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import render_nftables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
 
 pytestmark = pytest.mark.kernel
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from kernel_lab import require, run
 
-from ansible_collections.portguard.hardening.plugins.module_utils.probe import REQUEST_MAGIC, udp_request
+from ansible_collections.portguard.hardening.plugins.module_utils.host.probe import REQUEST_MAGIC, udp_request
 
 pytestmark = pytest.mark.kernel
 
@@ -353,6 +353,6 @@ def test_without_ipv6_the_listener_serves_ipv4_and_says_so(hosts):
     assert "IPv6 is not available on this host" in json.dumps(output.get("warnings")), output
     targets = [(ADDRESS["b"], 43000, "tcp"), (ADDRESS["b"], 43000, "udp")]
     code = (f"import json, sys; sys.path.insert(0, {str(COLLECTIONS)!r}); "
-            "from ansible_collections.portguard.hardening.plugins.module_utils.probe import probe_ports; "
+            "from ansible_collections.portguard.hardening.plugins.module_utils.host.probe import probe_ports; "
             f"print(json.dumps([r['state'] for r in probe_ports({targets!r}, timeout=1.0)]))")
     assert json.loads(hosts.python("a", code)) == ["open", "open"]

@@ -12,8 +12,8 @@ import sys
 import threading
 import time
 
-from ansible_collections.portguard.hardening.plugins.module_utils import firewall_host
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import PortguardError
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import PortguardError
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall import transaction as firewall_host
 from ansible_collections.portguard.hardening.plugins.modules import firewall as firewall_module
 
 TABLE = """table inet portguard

@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ansible_collections.portguard.hardening.plugins.module_utils import firewall_host
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall import transaction as firewall_host
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

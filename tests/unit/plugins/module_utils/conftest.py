@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import catalog_vars, compile_catalog
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import (
+    catalog_vars,
+    compile_catalog,
+)
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 GOLDEN_TODAY = datetime.date(2026, 11, 26)

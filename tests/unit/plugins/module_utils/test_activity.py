@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from ansible_collections.portguard.hardening.plugins.module_utils import activity
+from ansible_collections.portguard.hardening.plugins.module_utils.host import activity
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kmsg"
 PREFIX = "portguard-deny: "

@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from ansible_collections.portguard.hardening.plugins.module_utils.audit import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.audit import (
     AuditError,
     audit_listeners,
     audit_to_json,
@@ -16,7 +16,7 @@ from ansible_collections.portguard.hardening.plugins.module_utils.audit import (
     violation_table,
     violations,
 )
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
 
 CATALOG = {
     "portguard_networks": {

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ansible_collections.portguard.hardening.plugins.module_utils import errors
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core import errors
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import (
     catalog_vars,
     compile_cached,
     compile_catalog,

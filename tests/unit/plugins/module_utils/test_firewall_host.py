@@ -6,15 +6,15 @@ import subprocess
 
 import pytest
 
-from ansible_collections.portguard.hardening.plugins.module_utils import firewall_host
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog
-from ansible_collections.portguard.hardening.plugins.module_utils.firewall_host import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall import transaction as firewall_host
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.transaction import (
     HostError,
     IptablesBackend,
     check_ipset_payload,
     normalize_ipset,
 )
-from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import render_iptables
 
 SERVICES = {"ssh": {"port": 22}, "https": {"port": 443}, "workers": {"port": "8000-8002"}}
 FLOWS = [{"name": "web", "from": "office", "to": "web1", "services": ["https", "workers"]}]

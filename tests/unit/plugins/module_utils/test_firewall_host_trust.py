@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from ansible_collections.portguard.hardening.plugins.module_utils import firewall_host
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import PortguardError
-from ansible_collections.portguard.hardening.plugins.module_utils.firewall_host import Host, HostError
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import PortguardError
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall import transaction as firewall_host
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.transaction import Host, HostError
 from ansible_collections.portguard.hardening.plugins.modules import firewall as firewall_module
 
 
@@ -252,7 +252,7 @@ def test_iptables_payload_must_be_one_filter_table():
 
 
 def test_rendered_iptables_rulesets_pass_the_host_checks(example_policy, example_hosts):
-    from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import render_iptables
+    from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables
 
     for host in example_hosts:
         for ipset in (True, False):
@@ -261,7 +261,7 @@ def test_rendered_iptables_rulesets_pass_the_host_checks(example_policy, example
 
 
 def test_rendered_nftables_rulesets_pass_the_host_checks(example_policy, example_hosts):
-    from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import render_nftables
+    from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables
 
     for host in example_hosts:
         firewall_host.check_ruleset("nftables", render_nftables(example_policy.host(host)), "ruleset")

@@ -15,18 +15,18 @@ from urllib.parse import unquote
 
 import pytest
 
-from ansible_collections.portguard.hardening.plugins.module_utils import matrix
-from ansible_collections.portguard.hardening.plugins.module_utils import report as reporting
-from ansible_collections.portguard.hardening.plugins.module_utils.audit import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.audit import (
     audit_listeners,
     audit_to_junit,
     violation_table,
     violations,
 )
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog
-from ansible_collections.portguard.hardening.plugins.module_utils.listeners import parse_cmdline
-from ansible_collections.portguard.hardening.plugins.module_utils.printable import escape_bytes, printable
-from ansible_collections.portguard.hardening.plugins.module_utils.summary import format_table
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
+from ansible_collections.portguard.hardening.plugins.module_utils.core.printable import escape_bytes, printable
+from ansible_collections.portguard.hardening.plugins.module_utils.core.report import activity_report as reporting
+from ansible_collections.portguard.hardening.plugins.module_utils.core.summary import format_table
+from ansible_collections.portguard.hardening.plugins.module_utils.core.verify import matrix
+from ansible_collections.portguard.hardening.plugins.module_utils.host.listeners import parse_cmdline
 
 HOSTILE = ("<script>alert(1)</script>\"><img src=x onerror=alert(1)>' onmouseover='x"
            "\x1b[31m\x1b]0;pwned\x07\x08\r\n\x00\x7f\x9b\u202e\u2066\ufeff\ufffe\udcff"

@@ -12,11 +12,16 @@ from ansible.errors import AnsibleFilterError
 
 from ansible_collections.portguard.hardening.plugins.filter import lint as lint_filter
 from ansible_collections.portguard.hardening.plugins.filter import portguard as filters
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import RenderError
-from ansible_collections.portguard.hardening.plugins.module_utils.lint import lint_catalog, lint_report
-from ansible_collections.portguard.hardening.plugins.module_utils.policy import Entry, HostPolicy, HostSettings, Label
-from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import render_iptables
-from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import render_nftables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import RenderError
+from ansible_collections.portguard.hardening.plugins.module_utils.core.lint import lint_catalog, lint_report
+from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import (
+    Entry,
+    HostPolicy,
+    HostSettings,
+    Label,
+)
 
 HOSTILE = "web9\nflush ruleset\n#"
 CATALOG = {

@@ -10,15 +10,18 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ansible_collections.portguard.hardening.plugins.module_utils import errors
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import catalog_vars, compile_catalog
-from ansible_collections.portguard.hardening.plugins.module_utils.lint import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core import errors
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import (
+    catalog_vars,
+    compile_catalog,
+)
+from ansible_collections.portguard.hardening.plugins.module_utils.core.lint import (
     error_code,
     lint_catalog,
     lint_report,
     sort_findings,
 )
-from ansible_collections.portguard.hardening.plugins.module_utils.policy import Finding
+from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import Finding
 
 HERE = Path(__file__).parent
 CASES = yaml.safe_load((HERE / "lint_cases.yml").read_text())

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.portguard.hardening.plugins.module_utils import listeners
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import (
     PortguardError,
 )
-from ansible_collections.portguard.hardening.plugins.module_utils.listeners import (
+from ansible_collections.portguard.hardening.plugins.module_utils.host import listeners
+from ansible_collections.portguard.hardening.plugins.module_utils.host.listeners import (
     ListenerError,
     NetlinkUnavailable,
     SocketRecord,

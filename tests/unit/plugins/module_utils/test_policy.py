@@ -2,7 +2,7 @@
 
 import pytest
 
-from ansible_collections.portguard.hardening.plugins.module_utils.policy import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import (
     Entry,
     Finding,
     Label,

@@ -22,9 +22,9 @@ import types
 
 import pytest
 
-from ansible_collections.portguard.hardening.plugins.module_utils import probe as probe_mod
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import PortguardError
-from ansible_collections.portguard.hardening.plugins.module_utils.probe import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import PortguardError
+from ansible_collections.portguard.hardening.plugins.module_utils.host import probe as probe_mod
+from ansible_collections.portguard.hardening.plugins.module_utils.host.probe import (
     CLOSED,
     FILTERED,
     OPEN,
@@ -436,7 +436,7 @@ def test_a_low_soft_file_limit_is_raised_for_the_run_and_restored(servers):
     code = f"""
 import json, resource, sys, time
 sys.path[:0] = {json.dumps([p for p in sys.path if p])}
-from ansible_collections.portguard.hardening.plugins.module_utils.probe import probe_ports
+from ansible_collections.portguard.hardening.plugins.module_utils.host.probe import probe_ports
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 if hard != resource.RLIM_INFINITY and hard < 1200:
     print(json.dumps({{"skip": hard}})); sys.exit()

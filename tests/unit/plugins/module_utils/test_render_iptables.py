@@ -5,8 +5,7 @@ import re
 
 import pytest
 
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog
-from ansible_collections.portguard.hardening.plugins.module_utils.render_iptables import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import (
     COMMENT_BYTES,
     MULTIPORT_SLOTS,
     SET_COMMENT_BYTES,
@@ -14,6 +13,7 @@ from ansible_collections.portguard.hardening.plugins.module_utils.render_iptable
     SET_PORT_SPAN,
     render_iptables,
 )
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
 
 TODAY = datetime.date(2026, 11, 26)
 

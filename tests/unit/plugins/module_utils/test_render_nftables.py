@@ -5,8 +5,11 @@ import re
 
 import pytest
 
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog
-from ansible_collections.portguard.hardening.plugins.module_utils.render_nftables import chain_rules, render_nftables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import (
+    chain_rules,
+    render_nftables,
+)
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
 
 TODAY = datetime.date(2026, 11, 26)
 

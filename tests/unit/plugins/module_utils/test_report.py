@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from ansible_collections.portguard.hardening.plugins.module_utils import report as rep
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import compile_catalog
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
+from ansible_collections.portguard.hardening.plugins.module_utils.core.report import activity_report as rep
 
 TODAY = datetime.date(2026, 11, 26)
 VARIABLES = {

@@ -4,12 +4,12 @@ import datetime
 
 import pytest
 
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import (
     AddressError,
     PortError,
     UnsafeStringError,
 )
-from ansible_collections.portguard.hardening.plugins.module_utils.validate import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.validate import (
     MAX_TEXT_BYTES,
     check_text,
     parse_expiry,

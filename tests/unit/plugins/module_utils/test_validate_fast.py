@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ansible_collections.portguard.hardening.plugins.module_utils import validate
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import CatalogError
+from ansible_collections.portguard.hardening.plugins.module_utils.core import validate
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import CatalogError
 
 SETTINGS = settings(max_examples=300, deadline=None)
 TRICKY = [

@@ -12,7 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from ansible_collections.portguard.hardening.plugins.module_utils.probe import MAX_TARGETS
+from ansible_collections.portguard.hardening.plugins.module_utils.host.probe import MAX_TARGETS
 from ansible_collections.portguard.hardening.plugins.modules.port_probe import build_targets
 
 ROOT = Path(__file__).resolve().parents[4]

@@ -16,21 +16,21 @@ floor), ``warning`` (accepted, probably a mistake or due for recertification).
 import datetime
 import re
 
-from ansible_collections.portguard.hardening.plugins.module_utils.catalog import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import (
     MANAGEMENT_FLOW,
     catalog_vars,
     check_inventory,
     compile_catalog,
 )
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import CatalogError
-from ansible_collections.portguard.hardening.plugins.module_utils.policy import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import CatalogError
+from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import (
     FAMILIES,
     FAMILY_NAMES,
     Finding,
     interval_text,
     merge_intervals,
 )
-from ansible_collections.portguard.hardening.plugins.module_utils.validate import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.validate import (
     check_inventory_name,
     check_name,
     key_path,

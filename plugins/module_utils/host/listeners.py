@@ -32,10 +32,10 @@ import struct
 import sys
 from typing import NamedTuple
 
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import (
     PortguardError,
 )
-from ansible_collections.portguard.hardening.plugins.module_utils.printable import escape_bytes
+from ansible_collections.portguard.hardening.plugins.module_utils.core.printable import escape_bytes
 
 PROTOCOLS = ("tcp", "udp")
 SOURCES = ("auto", "netlink", "proc")

@@ -12,7 +12,7 @@ import ipaddress
 import json
 from dataclasses import dataclass
 
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import (
     AddressError,
     AmbiguousNameError,
     EmptyCatalogError,
@@ -20,7 +20,7 @@ from ansible_collections.portguard.hardening.plugins.module_utils.errors import 
     SchemaError,
     UnknownNameError,
 )
-from ansible_collections.portguard.hardening.plugins.module_utils.policy import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import (
     FAMILIES,
     Finding,
     HostPolicy,
@@ -33,7 +33,7 @@ from ansible_collections.portguard.hardening.plugins.module_utils.policy import 
     gc_paused,
     merge_ranges,
 )
-from ansible_collections.portguard.hardening.plugins.module_utils.validate import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.validate import (
     check_host_target,
     check_inventory_name,
     check_name,

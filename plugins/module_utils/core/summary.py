@@ -1,7 +1,7 @@
 """Readable summaries of a compiled policy: one row per host, a plain-text table."""
 
-from ansible_collections.portguard.hardening.plugins.module_utils.policy import FAMILY_NAMES
-from ansible_collections.portguard.hardening.plugins.module_utils.printable import printable
+from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import FAMILY_NAMES
+from ansible_collections.portguard.hardening.plugins.module_utils.core.printable import printable
 
 
 def host_row(policy, host: str) -> dict:

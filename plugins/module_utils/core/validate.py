@@ -11,7 +11,7 @@ import re
 import socket
 import unicodedata
 
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import (
     AddressError,
     AmbiguousNameError,
     ExpiryError,

@@ -15,7 +15,7 @@ import ipaddress
 import json
 from xml.etree import ElementTree
 
-from ansible_collections.portguard.hardening.plugins.module_utils.printable import printable
+from ansible_collections.portguard.hardening.plugins.module_utils.core.printable import printable
 
 # Ports commonly left open by accident: databases, caches, admin consoles, Docker's API.
 COMMON_PORTS = (

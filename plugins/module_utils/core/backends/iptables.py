@@ -30,8 +30,8 @@ In both, established traffic is accepted first.
 import re
 from dataclasses import dataclass, field
 
-from ansible_collections.portguard.hardening.plugins.module_utils.policy import HostPolicy
-from ansible_collections.portguard.hardening.plugins.module_utils.validate import rule_text, truncate_utf8
+from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import HostPolicy
+from ansible_collections.portguard.hardening.plugins.module_utils.core.validate import rule_text, truncate_utf8
 
 CHAINS = {"in": "PORTGUARD-IN", "out": "PORTGUARD-OUT"}
 BUILTIN = {"in": "INPUT", "out": "OUTPUT"}

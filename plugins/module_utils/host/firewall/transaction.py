@@ -29,7 +29,7 @@ import tempfile
 import time
 import uuid
 
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import PortguardError
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import PortguardError
 
 TABLE = "portguard"
 CHAINS = ("PORTGUARD-IN", "PORTGUARD-OUT")

@@ -20,8 +20,8 @@ Rules are written in the form ``nft list`` prints them, so that a live table
 can be compared with the rendered one line by line (drift detection).
 """
 
-from ansible_collections.portguard.hardening.plugins.module_utils.policy import HostPolicy, interval_text
-from ansible_collections.portguard.hardening.plugins.module_utils.validate import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import HostPolicy, interval_text
+from ansible_collections.portguard.hardening.plugins.module_utils.core.validate import (
     MAX_TEXT_BYTES,
     rule_text,
     truncate_utf8,

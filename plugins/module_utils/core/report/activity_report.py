@@ -26,8 +26,8 @@ import html
 import ipaddress
 import string
 
-from ansible_collections.portguard.hardening.plugins.module_utils.policy import FAMILY_NAMES
-from ansible_collections.portguard.hardening.plugins.module_utils.printable import printable
+from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import FAMILY_NAMES
+from ansible_collections.portguard.hardening.plugins.module_utils.core.printable import printable
 
 # The floor and the controller's own connection are kept whatever they carry: never removal candidates.
 KEPT_FLOWS = ("management", "controller")

@@ -30,9 +30,9 @@ import ipaddress
 import json
 import xml.etree.ElementTree as ET
 
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import PortguardError
-from ansible_collections.portguard.hardening.plugins.module_utils.policy import FAMILY_NAMES, merge_intervals
-from ansible_collections.portguard.hardening.plugins.module_utils.printable import printable
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import PortguardError
+from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import FAMILY_NAMES, merge_intervals
+from ansible_collections.portguard.hardening.plugins.module_utils.core.printable import printable
 
 CONTROLLER_FLOW = "controller"  # catalog.CONTROLLER_FLOW: the Ansible connection, not a cataloged service
 FAIL_ON = ("unapproved", "overexposed", "not_listening")

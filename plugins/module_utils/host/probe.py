@@ -35,7 +35,7 @@ import struct
 import time
 from collections import deque
 
-from ansible_collections.portguard.hardening.plugins.module_utils.errors import PortguardError
+from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import PortguardError
 
 OPEN, CLOSED, FILTERED = "open", "closed", "filtered"
 REJECT_ERRNOS = {errno.EHOSTUNREACH, errno.EACCES, errno.ENETUNREACH, errno.EPERM}
