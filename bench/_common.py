@@ -7,21 +7,16 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-COLLECTIONS = ROOT / ".build" / "collections"
-LINK = COLLECTIONS / "ansible_collections" / "portguard" / "hardening"
+# The repository's one collection-path setup lives with the test helpers.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from support.paths import COLLECTIONS, ROOT, link_collection
+
+__all__ = ["COLLECTIONS", "ROOT", "machine_facts", "ms", "percentile", "setup_path", "summary", "timed"]
 
 
 def setup_path() -> None:
-    """Make the repository importable as ``ansible_collections.portguard.hardening`` (as tests/conftest.py does)."""
-    if not LINK.exists():
-        LINK.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.symlink(ROOT, LINK)
-        except FileExistsError:
-            pass
-    if str(COLLECTIONS) not in sys.path:
-        sys.path.insert(0, str(COLLECTIONS))
+    """Make the repository importable as ``ansible_collections.portguard.hardening``, and bench/ too."""
+    link_collection()
     if str(ROOT / "bench") not in sys.path:
         sys.path.insert(0, str(ROOT / "bench"))
 

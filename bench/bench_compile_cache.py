@@ -40,7 +40,7 @@ def worker(mode: str, workdir: Path) -> dict:
     import gen_catalog
 
     from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables
-    from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import catalog_vars
+    from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.schema import catalog_vars
     from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import gc_paused
     from ansible_collections.portguard.hardening.plugins.plugin_utils import compile_cache
 

@@ -59,7 +59,7 @@ import gen_catalog  # noqa: E402
 from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables  # noqa: E402
 from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables  # noqa: E402
 from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog  # noqa: E402
-from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.transaction import IptablesBackend  # noqa: E402
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.backends import IptablesBackend  # noqa: E402
 
 SERVER, CLIENT, STRANGER = "198.18.0.1", "198.18.0.2", "198.18.0.99"
 PORT = 8080

@@ -186,7 +186,7 @@ def main():
     parser.add_argument("--sizes", default="50,2000,10000",
                         type=lambda text: [int(part) for part in text.split(",")])
     parser.add_argument("--baseline-max", type=int, default=2000,
-                        help="largest socket count to run listen_ports_facts at (about 15 ms per socket)")
+                        help="largest socket count to run listen_ports_facts at (it runs ps twice per socket)")
     parser.add_argument("--repeats", type=int, default=15, help="runs per in-process and ss measurement")
     parser.add_argument("--community-general", help="path of an ansible_collections/community/general folder")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)

@@ -25,8 +25,8 @@ For each policy, in one run:
 
 The table gives each run's wall-clock seconds (the whole process, interpreter
 start included), the open/closed/filtered counts and the number of ports
-classified differently from the ground truth. nmap under drop takes about
-90 s here; ``--nmap-limit`` bounds it (default 300 s).
+classified differently from the ground truth. nmap under drop is slow (see
+docs/benchmarks.md); ``--nmap-limit`` bounds it (default 300 s).
 
 The kernel rate-limits ICMP errors (per peer and in total): under a sweep, a
 rejecting host answers only the first few probes and the rest time out (still
@@ -289,7 +289,7 @@ def main() -> None:
                         rows.append(row("nmap -sT -T4", deny, f"TCP 1-65535 IPv{family}", seconds, states, expected))
                     print_table(rows[-1:])
             if deny == "drop":
-                planned = probe_ports_of(None, compiled(deny)._builder.services, 47123)
+                planned = probe_ports_of(None, compiled(deny).services, 47123)
                 targets, expected = [], []
                 for fam in (4, 6):
                     for port, proto, _name in planned:

@@ -1,34 +1,13 @@
-"""Make the repository importable as ``ansible_collections.portguard.hardening``.
+"""Fixtures for every test; the helpers they share live in ``tests/support/`` (importable as ``support``)."""
 
-The clone does not live in an ``ansible_collections/<ns>/<name>`` tree, so a
-symlink under ``.build/`` (ignored by git, linters and the collection build)
-stands for it.
-"""
+import json
+import subprocess
 
-import os
-import sys
-from pathlib import Path
+import pytest
+from support.ansible import tool
+from support.paths import EXAMPLE_INVENTORY, link_collection
 
-ROOT = Path(__file__).resolve().parent.parent
-COLLECTIONS = ROOT / ".build" / "collections"
-LINK = COLLECTIONS / "ansible_collections" / "portguard" / "hardening"
-
-if not LINK.exists():
-    LINK.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.symlink(ROOT, LINK)
-    except FileExistsError:
-        pass
-if str(COLLECTIONS) not in sys.path:
-    sys.path.insert(0, str(COLLECTIONS))
-
-import json  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-
-import pytest  # noqa: E402
-
-EXAMPLE_INVENTORY = ROOT / "examples" / "inventory"
+link_collection()
 
 
 def load_inventory(path=EXAMPLE_INVENTORY):
@@ -36,8 +15,7 @@ def load_inventory(path=EXAMPLE_INVENTORY):
 
     The catalog variables are those of the first host (they live in group_vars/all).
     """
-    command = shutil.which("ansible-inventory") or str(Path(sys.executable).parent / "ansible-inventory")
-    raw = json.loads(subprocess.run([command, "-i", str(path), "--list"], check=True, capture_output=True,
+    raw = json.loads(subprocess.run([tool("ansible-inventory"), "-i", str(path), "--list"], check=True, capture_output=True,
                                     text=True).stdout)
     hostvars = raw.get("_meta", {}).get("hostvars", {})
     groups: dict[str, list[str]] = {}
@@ -62,3 +40,12 @@ def load_inventory(path=EXAMPLE_INVENTORY):
 @pytest.fixture(scope="session")
 def example_inventory():
     return load_inventory()
+
+
+@pytest.fixture
+def private_runtime_dir(tmp_path, monkeypatch):
+    """A private XDG_RUNTIME_DIR: the compile cache of the actions and filters lives there."""
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    return runtime

@@ -1,9 +1,9 @@
 """Controller side of portguard.hardening.firewall.
 
-Validates its arguments, compiles the catalog once per play (plugin_utils.compile_cache),
-renders this host's ruleset, and drives the host module: apply, then confirm over a fresh
-connection, or report the revert. ``state: absent`` compiles nothing: a broken catalog must not
-block the removal of the firewall.
+Validates its arguments, compiles the catalog once per task for all its hosts (plugin_utils.compile_cache:
+the key is every compile input, the task and check mode), renders this host's ruleset, and drives the
+host module: apply, then confirm over a fresh connection, or report the revert. ``state: absent``
+compiles nothing: a broken catalog must not block the removal of the firewall.
 """
 
 import ipaddress
@@ -17,7 +17,7 @@ from ansible.plugins.action import ActionBase
 
 from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables
 from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables
-from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import (
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.inventory import (
     NETWORK_CONNECTIONS,
     ROLLBACK_TIMEOUT_RANGE,
 )
@@ -131,19 +131,19 @@ class ActionModule(ActionBase):
             return self._remove(result, task_vars, args)
         try:
             policy = compiled_policy(task_vars, [self._task._uuid, self._play_context.check_mode])
-            host_policy = policy.host(host)
+            # The host's settings pick the backend and timeout; its whitelist is built once, below, when
+            # the controller's addresses are known. An unknown host raises here, as the build would.
+            settings = policy.hosts[host] if host in policy.hosts else policy.host(host).settings
         except PortguardError as exc:
             raise AnsibleActionFail(f"portguard catalog refused, no host was changed: {exc}") from exc
-        settings = host_policy.settings
         backend = args["backend"] or settings.backend
         timeout = args["rollback_timeout"] or settings.rollback_timeout
         inspected = None
         # iptables needs the facts too: whether the host can hold ipsets.
         if backend in ("auto", "iptables") or network:
-            inspect = self._module(task_vars, phase="inspect")
-            if inspect.get("failed"):
-                return inspect
-            inspected = inspect["host_facts"]
+            inspected = self._inspect(task_vars)
+            if inspected.get("failed"):
+                return inspected
             if backend == "auto":
                 backend = "nftables" if inspected["nft_usable"] else "iptables"
         port = self._connection_port() if network else None
@@ -179,7 +179,8 @@ class ActionModule(ActionBase):
         result["controller_addresses"] = controller
         result["findings"] = [f.as_dict() for f in policy.findings]
         result["expired_flows"] = policy.expired
-        return self._apply(result, task_vars, backend, ruleset, fallback, state, persist, timeout, args["confirm"])
+        return self._apply(result, task_vars, backend, ruleset, fallback, state, persist, timeout, args["confirm"],
+                           inspected)
 
     def _remove(self, result, task_vars, args):
         """``state: absent`` from the host's own settings only: removing the firewall needs no valid catalog."""
@@ -193,17 +194,25 @@ class ActionModule(ActionBase):
                                                             *ROLLBACK_TIMEOUT_RANGE)
         except PortguardError as exc:
             raise AnsibleActionFail(f"portguard setting refused, no host was changed: {exc}") from exc
+        inspected = None
         if backend == "auto":
-            inspect = self._module(task_vars, phase="inspect")
-            if inspect.get("failed"):
-                return inspect
-            backend = "nftables" if inspect["host_facts"]["nft_usable"] else "iptables"
+            inspected = self._inspect(task_vars)
+            if inspected.get("failed"):
+                return inspected
+            backend = "nftables" if inspected["nft_usable"] else "iptables"
         return self._apply(result, task_vars, backend, None, None, "absent", args["persist"], timeout,
-                           args["confirm"])
+                           args["confirm"], inspected)
 
-    def _apply(self, result, task_vars, backend, ruleset, fallback, state, persist, timeout, confirm):
+    def _inspect(self, task_vars):
+        """The host's facts (phase inspect), or the failed module result."""
+        inspect = self._module(task_vars, phase="inspect")
+        return inspect if inspect.get("failed") else inspect["host_facts"]
+
+    def _apply(self, result, task_vars, backend, ruleset, fallback, state, persist, timeout, confirm, inspected):
+        # Facts already inspected are handed on: the host is detected once per task.
+        facts = {"host_facts": inspected} if inspected else {}
         applied = self._module(task_vars, phase="apply", backend=backend, ruleset=ruleset, fallback=fallback,
-                               state=state, rollback_timeout=timeout, persist=persist, arm_rollback=confirm)
+                               state=state, rollback_timeout=timeout, persist=persist, arm_rollback=confirm, **facts)
         warnings = result.get("warnings", [])
         result.update(applied)
         if warnings:
@@ -213,7 +222,7 @@ class ActionModule(ActionBase):
             result["iptables_whitelist"] = "ipset" if ruleset.get("ipset") else "rules"
         if applied.get("failed") or not applied.get("token"):
             return result
-        confirmed = self._confirm(task_vars, applied["token"], backend, ruleset, fallback, state, persist, timeout)
+        confirmed = self._confirm(task_vars, applied["token"], backend, persist, timeout)
         result.update(confirmed)
         return result
 
@@ -222,15 +231,16 @@ class ActionModule(ActionBase):
         if task_vars.get("ansible_connection", "ssh") in NETWORK_CONNECTIONS:
             self._connection.reset()
 
-    def _confirm(self, task_vars, token, backend, ruleset, fallback, state, persist, timeout):
-        """Confirm over a new connection; a reused one would ride on an established flow."""
+    def _confirm(self, task_vars, token, backend, persist, timeout):
+        """Confirm over a new connection; a reused one would ride on an established flow.
+
+        The host persists what it applied under this token: the ruleset is not sent again."""
         deadline = time.time() + timeout
         error = None
         while time.time() < deadline - 1:
             try:
                 self._fresh_connection(task_vars)
-                reply = self._module(task_vars, phase="confirm", token=token, backend=backend, ruleset=ruleset,
-                                     fallback=fallback, state=state, persist=persist)
+                reply = self._module(task_vars, phase="confirm", token=token, backend=backend, persist=persist)
             except AnsibleConnectionFailure as exc:
                 error = str(exc)
                 time.sleep(1)

@@ -6,7 +6,6 @@ and JUnit reports on the controller and fails on what ``fail_on`` names.
 """
 
 import os
-import tempfile
 
 from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
@@ -22,32 +21,18 @@ from ansible_collections.portguard.hardening.plugins.module_utils.core.audit imp
     violations,
 )
 from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import PortguardError
-from ansible_collections.portguard.hardening.plugins.module_utils.core.report.activity_report import (
-    report_file_name as _file_name,  # one distinct, safe file name per host; port_report imports it from here
-)
 from ansible_collections.portguard.hardening.plugins.plugin_utils.compile_cache import compiled_policy
+from ansible_collections.portguard.hardening.plugins.plugin_utils.report_files import (
+    report_file_name,
+    report_root,
+    write_report,
+)
 
 ARGUMENT_SPEC = {
     "fail_on": {"type": "list", "elements": "str", "choices": list(FAIL_ON), "default": []},
     "report_dir": {"type": "path"},
     "listeners": {"type": "list", "elements": "dict"},
 }
-DEFAULT_REPORT_DIR = "portguard-reports"
-
-
-def _write(path: str, text: str):
-    """Replace ``path`` atomically, so a CI job never reads half a report."""
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".port_audit.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class ActionModule(ActionBase):
@@ -69,8 +54,7 @@ class ActionModule(ActionBase):
         args = self.validate_argument_spec(ARGUMENT_SPEC)[1]
         host = task_vars["inventory_hostname"]
         fail_on = parse_fail_on(args["fail_on"])
-        report_dir = args.get("report_dir") or task_vars.get("portguard_report_dir") or DEFAULT_REPORT_DIR
-        report_dir = os.path.abspath(os.path.expanduser(str(report_dir)))
+        report_dir = report_root(args.get("report_dir"), task_vars)
         try:
             policy = compiled_policy(task_vars, [self._task._uuid, self._play_context.check_mode])
             host_policy = policy.host(host)
@@ -85,13 +69,13 @@ class ActionModule(ActionBase):
         report = dict(audit, fail_on=list(fail_on), failed=bool(found))
         audit_dir = os.path.join(report_dir, "audit")
         paths = {
-            "json": os.path.join(audit_dir, f"{_file_name(host)}.json"),
-            "junit": os.path.join(audit_dir, f"{_file_name(host)}.xml"),
+            "json": os.path.join(audit_dir, f"{report_file_name(host)}.json"),
+            "junit": os.path.join(audit_dir, f"{report_file_name(host)}.xml"),
         }
         try:
             os.makedirs(audit_dir, exist_ok=True)
-            _write(paths["json"], audit_to_json(report))
-            _write(paths["junit"], audit_to_junit({host: audit}, fail_on))
+            write_report(paths["json"], audit_to_json(report))
+            write_report(paths["junit"], audit_to_junit({host: audit}, fail_on))
         except OSError as exc:
             raise AnsibleActionFail(f"port_audit: cannot write the reports under {audit_dir}: {exc}") from exc
         result.update(audit)

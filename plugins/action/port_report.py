@@ -17,10 +17,15 @@ from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
 from ansible.utils.display import Display
 
-from ansible_collections.portguard.hardening.plugins.action.port_audit import DEFAULT_REPORT_DIR, _file_name, _write
 from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import PortguardError
 from ansible_collections.portguard.hardening.plugins.module_utils.core.report import activity_report as reporting
+from ansible_collections.portguard.hardening.plugins.module_utils.core.report import render
 from ansible_collections.portguard.hardening.plugins.plugin_utils.compile_cache import compiled_policy
+from ansible_collections.portguard.hardening.plugins.plugin_utils.report_files import (
+    report_file_name,
+    report_root,
+    write_report,
+)
 
 ARGUMENT_SPEC = {
     "report_dir": {"type": "path"},
@@ -64,15 +69,15 @@ class ActionModule(ActionBase):
         for name, (low, high) in BOUNDS.items():
             if not low <= args[name] <= high:
                 raise AnsibleActionFail(f"port_report: {name} {args[name]} is out of range {low}-{high}")
-        report_dir = args.get("report_dir") or task_vars.get("portguard_report_dir") or DEFAULT_REPORT_DIR
-        directory = os.path.join(os.path.abspath(os.path.expanduser(str(report_dir))), "report")
+        root = report_root(args.get("report_dir"), task_vars)
+        directory = os.path.join(root, "report")
         try:
             os.makedirs(os.path.join(directory, "state"), exist_ok=True)
         except OSError as exc:
             raise AnsibleActionFail(f"port_report: cannot create {directory}: {exc}") from exc
         policy = self._policy(task_vars)
         if args["summarize"]:
-            result.update(self._summarize(policy, args, directory, report_dir))
+            result.update(self._summarize(policy, args, directory, root))
         else:
             result.update(self._host(policy, args, directory, task_vars))
         result["changed"] = False  # reports are outputs, not changes
@@ -85,7 +90,7 @@ class ActionModule(ActionBase):
         except PortguardError as exc:
             raise AnsibleActionFail(f"portguard catalog refused: {exc}") from exc
         settings = host_policy.settings
-        state_path = os.path.join(directory, "state", f"{_file_name(host)}.json")
+        state_path = os.path.join(directory, "state", f"{report_file_name(host)}.json")
         previous = _read_json(state_path)
         module_args = {"logs": args["logs"], "log_prefix": settings.log_prefix, "addresses": list(settings.addresses)}
         if previous and previous.get("cursor"):
@@ -96,11 +101,11 @@ class ActionModule(ActionBase):
             raise AnsibleActionFail(f"port_activity failed on {host}: {activity.get('msg')}", result=activity)
         report, state = reporting.host_report(host, host_policy, activity, previous, reporting.SourceNamer(policy),
                                               threshold=args["unusual_threshold"])
-        path = os.path.join(directory, f"{_file_name(host)}.json")
+        path = os.path.join(directory, f"{report_file_name(host)}.json")
         try:
-            _write(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
+            write_report(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
             if args["update_state"]:
-                _write(state_path, json.dumps(state, sort_keys=True) + "\n")
+                write_report(state_path, json.dumps(state, sort_keys=True) + "\n")
         except OSError as exc:
             raise AnsibleActionFail(f"port_report: cannot write {path}: {exc}") from exc
         note = f"; {report['log_note']}" if report["log_note"] else ""
@@ -108,21 +113,21 @@ class ActionModule(ActionBase):
                 "msg": f"{host}: {len(report['denied_new'])} new denied source/port group(s), "
                        f"{len(report['unused'])} unused entr(y/ies), log: {report['log']['source']}{note}"}
 
-    def _summarize(self, policy, args, directory, report_dir):
+    def _summarize(self, policy, args, directory, root):
         reports = [r for r in (args.get("reports") or []) if isinstance(r, dict) and r.get("host")]
         today = datetime.datetime.now(datetime.UTC).date()
         expiring = reporting.expiring_flows(policy, today, args["expiring_days"])
         summary = reporting.summarize(reports, list(policy.expired), expiring)
-        text = reporting.render_text(summary)
+        text = render.render_text(summary)
         paths = {"json": os.path.join(directory, "report.json"), "html": os.path.join(directory, "report.html")}
-        verify_page = os.path.join(os.path.abspath(os.path.expanduser(str(report_dir))), "verify", "matrix.html")
+        verify_page = os.path.join(root, "verify", "matrix.html")
         try:
-            _write(paths["json"], json.dumps(summary, indent=2, sort_keys=True) + "\n")
-            _write(paths["html"], reporting.render_html(summary))
+            write_report(paths["json"], json.dumps(summary, indent=2, sort_keys=True) + "\n")
+            write_report(paths["html"], render.render_html(summary))
             if os.path.exists(verify_page):
                 with open(verify_page, encoding="utf-8") as handle:
                     page = handle.read()
-                _write(verify_page, reporting.extend_page(page, summary))
+                write_report(verify_page, render.extend_page(page, summary))
                 paths["verify_html"] = verify_page
         except OSError as exc:
             raise AnsibleActionFail(f"port_report: cannot write the reports under {directory}: {exc}") from exc

@@ -4,10 +4,8 @@ import datetime
 
 from ansible.errors import AnsibleFilterError
 
-from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import (
-    CATALOG_VARS,
-    select_hostvars,
-)
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.inventory import select_hostvars
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.schema import CATALOG_VARS
 from ansible_collections.portguard.hardening.plugins.module_utils.core.lint import (
     DEFAULT_EXPIRING_DAYS,
     lint_catalog,

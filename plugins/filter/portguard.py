@@ -1,28 +1,28 @@
-"""Filters over the pure core: render a host's ruleset, ask the decision function."""
+"""Filters over the pure core: render a host's ruleset, ask the decision function, name report files."""
 
 from ansible.errors import AnsibleFilterError
 
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.contract import DENIED_COUNTERS
 from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables
 from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables
-from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import (
-    CATALOG_VARS,
-    compile_cached,
-    select_hostvars,
-)
 from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import PortguardError
 from ansible_collections.portguard.hardening.plugins.module_utils.core.summary import policy_summary
 from ansible_collections.portguard.hardening.plugins.module_utils.core.verify import matrix
+from ansible_collections.portguard.hardening.plugins.plugin_utils.compile_cache import (
+    FILTER_SCOPE,
+    CacheRefused,
+    cached_compile,
+)
+from ansible_collections.portguard.hardening.plugins.plugin_utils.report_files import report_file_name
 
 
 def _policy(hostvars, groups, host):
     try:
-        all_hosts = groups["all"]
-        plain_groups = {name: list(members) for name, members in groups.items()}
-        own = hostvars[host]
-        variables = {name: own[name] for name in CATALOG_VARS if name in own}
-        return compile_cached(variables, plain_groups, select_hostvars(hostvars, all_hosts))
+        return cached_compile(hostvars[host], groups, hostvars, FILTER_SCOPE)
     except PortguardError as exc:
         raise AnsibleFilterError(f"portguard catalog refused: {exc}") from exc
+    except CacheRefused as exc:
+        raise AnsibleFilterError(exc.message) from None  # the same words: no second "caused by"
 
 
 def ruleset(hostvars, groups, host, backend="nftables"):
@@ -64,9 +64,9 @@ def verify_matrix(hostvars, plan, hosts, probe_var="__portguard_probe", before_v
             results[host] = probe["results"]
         for store, name in ((before, before_var), (after, after_var)):
             counters = (variables.get(name) or {}).get("counters") or {}
-            for direction in ("in", "out"):
-                if counters.get(f"denied_{direction}") is not None:
-                    store[f"{host}/{direction}"] = counters[f"denied_{direction}"]
+            for name, direction in DENIED_COUNTERS.items():
+                if counters.get(name) is not None:
+                    store[f"{host}/{direction}"] = counters[name]
     cells, problems, counters = matrix.evaluate(plan, results, before, after)
     return {
         "ok": not problems,
@@ -83,4 +83,4 @@ def verify_matrix(hostvars, plan, hosts, probe_var="__portguard_probe", before_v
 class FilterModule:
     def filters(self):
         return {"ruleset": ruleset, "allowed": allowed, "summary": summary, "probe_plan": probe_plan,
-                "verify_matrix": verify_matrix}
+                "verify_matrix": verify_matrix, "report_file_name": report_file_name}

@@ -23,22 +23,21 @@ description:
     to the management-only ruleset if it fails to load.
 author:
   - portguard maintainers (@portguard)
+extends_documentation_fragment:
+  - portguard.hardening.attributes
 attributes:
   check_mode:
     support: full
-    description: Reports whether the live ruleset differs, with a rule-level diff; writes nothing.
+    details: Reports whether the live ruleset differs, with a rule-level diff; writes nothing.
   diff_mode:
     support: full
-    description: The diff compares the live and the rendered rules, counters left out.
-  platform:
-    support: full
-    platforms: posix
-    description: Linux hosts (netfilter, /proc).
+    details: The diff compares the live and the rendered rules, counters left out.
 options:
   phase:
     description:
       - Set by the action plugin. C(inspect) reports the host's backends, C(apply) validates, diffs and
-        applies, C(confirm) disarms the revert and persists, C(status) reports what happened to a change.
+        applies, C(confirm) disarms the revert and persists what C(apply) recorded (the ruleset is sent once),
+        C(status) reports what happened to a change.
     type: str
     choices: [inspect, apply, confirm, status]
     default: apply
@@ -103,6 +102,36 @@ options:
   token:
     description: The change to confirm or ask about (returned by C(apply)).
     type: str
+  host_facts:
+    description:
+      - Set by the action plugin to what phase C(inspect) reported (RV(host_facts)), so that C(apply) does not
+        detect the host again; detected when not given.
+    type: dict
+    suboptions:
+      nft:
+        description: The C(nft) tool is installed.
+        type: bool
+      nft_usable:
+        description: C(nft list tables) works.
+        type: bool
+      iptables:
+        description: C(iptables-restore) and C(ip6tables-restore) are installed.
+        type: bool
+      iptables_variant:
+        description: C(nf_tables), C(legacy), or empty without C(iptables).
+        type: str
+      ipset:
+        description: The C(ipset) tool and the kernel's ip_set are usable.
+        type: bool
+      systemd:
+        description: systemd runs (the boot unit is installed).
+        type: bool
+      legacy_rules:
+        description: Rules in the legacy iptables, which filter alongside nftables.
+        type: int
+      controller_address:
+        description: The client address of C(SSH_CONNECTION) of the module's process or its ancestors.
+        type: str
 notes:
   - Runs as root. State lives in C(/run/portguard/) (gone at reboot, so nothing stale survives one).
   - Concurrent runs on one host are serialized; a run waits while another awaits its confirmation.
@@ -127,11 +156,25 @@ backend:
   returned: always
   type: str
   sample: nftables
-rule_diff:
-  description: Unified diff between the live rules and the rendered ones (counters left out).
+diff:
+  description:
+    - The live rules (C(before)) and the rendered ones (C(after)), one rule per line, counters left out;
+      C(--diff) shows them as a unified diff.
   returned: phase apply
-  type: list
-  elements: str
+  type: dict
+  contains:
+    before:
+      description: The live rules of our table or chains; empty when there are none.
+      type: str
+    after:
+      description: The rendered rules; empty for C(state=absent).
+      type: str
+    before_header:
+      description: C(live <backend>) and whether the live rules are ours, missing (flushed) or absent.
+      type: str
+    after_header:
+      description: C(rendered <backend>).
+      type: str
 token:
   description: Identifies an applied change awaiting confirmation; null when nothing was applied.
   returned: phase apply
@@ -177,14 +220,13 @@ state:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import PortguardError
-from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.transaction import (
-    BACKENDS,
-    Host,
-    check_conflicts,
-    check_ruleset,
-    detect,
-    flush_risks,
-)
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.backends import BACKENDS, check_ruleset
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.detect import check_conflicts, detect
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.persist import flush_risks
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.transaction import Host
+
+HOST_FACTS = {"nft": "bool", "nft_usable": "bool", "iptables": "bool", "iptables_variant": "str", "ipset": "bool",
+              "systemd": "bool", "legacy_rules": "int", "controller_address": "str"}
 
 
 def run_phase(module, params):
@@ -194,19 +236,20 @@ def run_phase(module, params):
         return {"changed": False, "host_facts": detect()}
     if phase == "status":
         return {"changed": False, **host.status(params["token"])}
+    if phase == "confirm":
+        # what apply recorded is persisted: the ruleset is not sent again
+        confirmed = host.confirm(params["token"], params["persist"])
+        return persisted({"changed": True, "backend": params["backend"], **confirmed}, "the ruleset is live and confirmed")
     backend = BACKENDS[params["backend"]]()
-    facts = detect()
-    if params["state"] == "present" and (phase == "apply" or params["persist"]):
+    facts = params.get("host_facts") or detect()
+    if params["state"] == "present":
         if params["ruleset"] is None or params["fallback"] is None:
             module.fail_json(msg="ruleset and fallback are required with state=present; use the action plugin")
         # The module can be called directly: what it loads as root is checked here too, not only rendered safely.
         check_ruleset(backend.name, params["ruleset"], "ruleset")
         check_ruleset(backend.name, params["fallback"], "fallback")
     persist = {"backend": backend, "ruleset": params["ruleset"], "fallback": params["fallback"],
-               "systemd": facts["systemd"], "state": params["state"]} if params["persist"] else None
-    if phase == "confirm":
-        return persisted({"changed": True, "backend": backend.name, **host.confirm(params["token"], persist)},
-                         "the ruleset is live and confirmed")
+               "systemd": bool(facts["systemd"]), "state": params["state"]} if params["persist"] else None
     if params["state"] == "present":
         check_conflicts(backend.name, facts)
         for risk in flush_risks(backend.name, facts):
@@ -240,6 +283,7 @@ def main():
             "arm_rollback": {"type": "bool", "default": True},
             "persist": {"type": "bool", "default": True},
             "token": {"type": "str", "no_log": False},
+            "host_facts": {"type": "dict", "options": {name: {"type": kind} for name, kind in HOST_FACTS.items()}},
         },
         required_if=[("phase", "confirm", ["token"]), ("phase", "status", ["token"])],
         supports_check_mode=True,

@@ -17,17 +17,9 @@ description:
   - The C(portguard.hardening.report) role turns this into the activity report; see docs/report.md.
 author:
   - portguard maintainers (@portguard)
-attributes:
-  check_mode:
-    support: full
-    description: Only reads.
-  diff_mode:
-    support: none
-    description: Nothing to show a diff of.
-  platform:
-    support: full
-    platforms: posix
-    description: Linux hosts (netfilter, /proc).
+extends_documentation_fragment:
+  - portguard.hardening.attributes
+  - portguard.hardening.attributes.read_only
 options:
   logs:
     description:

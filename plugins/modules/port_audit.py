@@ -43,34 +43,16 @@ options:
     elements: str
     choices: [unapproved, overexposed, not_listening]
     default: []
-  report_dir:
-    description:
-      - Directory on the controller for the reports (an C(audit) subdirectory is created in it).
-      - Defaults to the variable C(portguard_report_dir), else C(portguard-reports) in the working directory.
-    type: path
   listeners:
     description:
-      - The listeners to audit, as gathered by M(portguard.hardening.port_facts)
-        (for example C(ansible_facts.portguard_listeners) from an earlier task).
+      - The listeners to audit, as M(portguard.hardening.port_facts) returns them in
+        RV(portguard.hardening.port_facts#module:ansible_facts.portguard_listeners) (documented there, field by field).
       - When not given, the action runs M(portguard.hardening.port_facts) on the host first.
     type: list
     elements: dict
-attributes:
-  action:
-    description: Indicates this has a corresponding action plugin so some parts of the options can be executed on the controller.
-    support: full
-  check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
-    support: full
-    details: The audit only reads the host; it writes its reports on the controller in check mode too.
-  diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
-    support: none
-    details: The audit changes nothing.
-  platform:
-    description: Target OS/families that can be operated against.
-    support: N/A
-    platforms: linux
+extends_documentation_fragment:
+  - portguard.hardening.attributes
+  - portguard.hardening.reports
 notes:
   - The catalog says which ports a host lets in, not on which of its addresses, so approval depends on port,
     protocol and address family only.

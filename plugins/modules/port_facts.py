@@ -37,22 +37,10 @@ options:
       - Run as root to see the processes of other users; an unprivileged run reports its own only.
     type: bool
     default: true
-attributes:
-  check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
-    support: full
-    details: The module only reads; it does the same in check mode.
-  diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
-    support: none
-    details: The module changes nothing.
-  facts:
-    description: Action returns an C(ansible_facts) dictionary that will update existing host facts.
-    support: full
-  platform:
-    description: Target OS/families that can be operated against.
-    support: N/A
-    platforms: linux
+extends_documentation_fragment:
+  - portguard.hardening.attributes
+  - portguard.hardening.attributes.read_only
+  - portguard.hardening.attributes.facts
 notes:
   - A socket that no process of the module's pid namespace holds (for example one passed to a process in
     another pid namespace) is reported with C(pid), C(name) and C(cmdline) null.

@@ -17,17 +17,9 @@ description:
     slow but never reports an answered port as filtered.
 author:
   - portguard maintainers (@portguard)
-attributes:
-  check_mode:
-    support: full
-    description: Probing changes nothing on any host; it runs in check mode too.
-  diff_mode:
-    support: none
-    description: Nothing to show a diff of.
-  platform:
-    support: full
-    platforms: posix
-    description: Linux hosts (netfilter, /proc).
+extends_documentation_fragment:
+  - portguard.hardening.attributes
+  - portguard.hardening.attributes.read_only
 options:
   targets:
     description: What to probe.

@@ -33,11 +33,6 @@ description:
 author:
   - portguard maintainers (@portguard)
 options:
-  report_dir:
-    description:
-      - Directory on the controller for the reports (a C(report) subdirectory is created in it).
-      - Defaults to the variable C(portguard_report_dir), else C(portguard-reports) in the working directory.
-    type: path
   unusual_threshold:
     description: A source with this many denied log lines or more (in the report's window) is flagged as unusual.
     type: int
@@ -66,21 +61,9 @@ options:
     description: With O(summarize), the RV(report) of every host.
     type: list
     elements: dict
-attributes:
-  action:
-    description: Indicates this has a corresponding action plugin so some parts of the options can be executed on the controller.
-    support: full
-  check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
-    support: full
-    details: The report only reads the host; it writes its files on the controller in check mode too.
-  diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
-    support: none
-  platform:
-    description: Target OS/families that can be operated against.
-    support: N/A
-    platforms: linux
+extends_documentation_fragment:
+  - portguard.hardening.attributes
+  - portguard.hardening.reports
 notes:
   - The log is rate-limited (C(portguard_log_rate), C(portguard_log_burst)); the deny counters are exact, the
     per-source counts from the log are a lower bound under a flood.

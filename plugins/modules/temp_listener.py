@@ -23,17 +23,15 @@ description:
     another socket holding the port (those ports are reported in RV(busy)).
 author:
   - portguard maintainers (@portguard)
+extends_documentation_fragment:
+  - portguard.hardening.attributes
 attributes:
   check_mode:
     support: none
-    description: Listeners are needed for the probes to mean anything; nothing else is changed.
+    details: Listeners are needed for the probes to mean anything; nothing else is changed.
   diff_mode:
     support: none
-    description: Nothing to show a diff of.
-  platform:
-    support: full
-    platforms: posix
-    description: Linux hosts (netfilter, /proc).
+    details: Nothing to show a diff of.
 options:
   ports:
     description: The ports to listen on.
@@ -105,13 +103,15 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.contract import STATE_DIR
 from ansible_collections.portguard.hardening.plugins.module_utils.host.probe import (
     REPLY_MAGIC,
     REQUEST_BYTES,
     REQUEST_MAGIC,
 )
+from ansible_collections.portguard.hardening.plugins.module_utils.host.processes import start_time
 
-STATE_FILE = "/run/portguard/listener.json"
+STATE_FILE = os.path.join(STATE_DIR, "listener.json")
 # In the listener's command line: with the pid and its start time, it tells our listener from a stranger.
 MARKER = "portguard-temp-listener"
 MAX_LIFETIME = 3600
@@ -262,25 +262,12 @@ main()
 """
 
 
-def _start_time(pid):
-    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot); None when no such process runs."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    # Fields 3 (state) and 22 (start time); a zombie has exited already, whoever reaps it.
-    if len(fields) < 20 or fields[0] in ("Z", "X"):
-        return None
-    return fields[19]
-
-
 def _is_our_listener(state):
     """Whether the recorded listener still runs: same pid, same start time, our user, our command line."""
     pid, start = state.get("pid"), state.get("start")
     if isinstance(pid, bool) or not isinstance(pid, int) or pid < 2 or not isinstance(start, str):
         return False
-    if _start_time(pid) != start:
+    if start_time(pid) != start:
         return False
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
@@ -314,7 +301,7 @@ def _stop():
             pass
         # Its ports must be free before a new listener binds them.
         deadline = time.monotonic() + STOP_TIMEOUT
-        while stopped and _start_time(state["pid"]) == state["start"] and time.monotonic() < deadline:
+        while stopped and start_time(state["pid"]) == state["start"] and time.monotonic() < deadline:
             time.sleep(0.02)
     if _read_state() == state:
         try:

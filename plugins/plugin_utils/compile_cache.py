@@ -1,17 +1,18 @@
-"""The controller's compile cache: the catalog is compiled once per play, not once per host.
+"""The controller's one compile cache, used by the action plugins and the filters alike.
 
 Each host's task runs in its own forked worker; the first worker to need a compile makes it and
-stores it, the others load it. The key covers every input the compile reads (the catalog
-variables, the groups, the selected host variables of all hosts, the date that decides expiry)
-plus the caller's scope, so that a ``serial:`` batch whose facts differ never reuses another
-batch's compile.
+stores it, the others load it, and a process that asks again gets the object it already holds.
+The key covers every input the compile reads (the catalog variables, the groups, the selected
+host variables of all hosts, the date that decides expiry) plus the caller's scope (an action:
+its task and check mode; the filters: one scope of their own), so that a ``serial:`` batch whose
+facts differ never reuses another batch's compile.
 
 Only this user may write where the cache lives: ``$XDG_RUNTIME_DIR/portguard`` when that runtime
 directory is this user's and private, else ``~/.cache/portguard`` (the home of the effective
 user, not ``$HOME``). The directory is opened without following a symlink and refused unless it
 belongs to the effective user and has no group or other permission bits; every file is then
-opened relative to it. A stored compile is a pickle (the compiled catalog is a graph of objects
-that workers load in a few ms; a data-only form loaded several times slower), so it is signed
+opened relative to it. A stored compile is a pickle (the compiled catalog is a graph of objects;
+a data-only form loaded several times slower, see docs/benchmarks.md), so it is signed
 with HMAC-SHA256 under a per-user random secret (0600, in that directory) and checked before
 it is read; the unpickler only builds the catalog's own classes.
 """
@@ -29,16 +30,15 @@ import pwd
 import stat
 import time
 
-from ansible.errors import AnsibleActionFail
+from ansible.errors import AnsibleActionFail, AnsibleError
 
 from ansible_collections.portguard.hardening.plugins.module_utils.core import policy
 from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog import compiler as catalog
-from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import (
-    catalog_vars,
-    compile_catalog,
-    select_hostvars,
-)
-from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import gc_paused
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog import inventory, schema
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.inventory import select_hostvars
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.schema import catalog_vars
+from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import Policy, gc_paused
 
 CACHE_MAX_AGE = 3600
 SIGNING_KEY_FILE = "signing-key"
@@ -47,8 +47,15 @@ SUFFIX = ".policy"
 _MAC_BYTES = hashlib.sha256().digest_size
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 # The classes a compiled catalog is made of; nothing else is built when a stored compile is read.
-_MODULES = {module.__name__: module for module in (catalog, policy)}
+_MODULES = {module.__name__: module for module in (catalog, inventory, policy, schema)}
 _ALLOWED = {("datetime", "date"): datetime.date}
+# The compile this process holds: one catalog per play, so one entry keeps memory bounded.
+_HELD: dict = {}
+FILTER_SCOPE = ("filter",)
+
+
+class CacheRefused(AnsibleError):
+    """The cache directory or one of its files is not this user's own and private."""
 
 
 class _CatalogUnpickler(pickle.Unpickler):
@@ -79,8 +86,8 @@ def cache_dir() -> str:
 
 
 def _refuse(path, why):
-    raise AnsibleActionFail(f"portguard compile cache {path} refused: {why}. It must be a directory (not a symlink) "
-                            f"of uid {os.geteuid()} with no group or other permissions; remove or fix it.")
+    raise CacheRefused(f"portguard compile cache {path} refused: {why}. It must be a directory (not a symlink) "
+                       f"of uid {os.geteuid()} with no group or other permissions; remove or fix it.")
 
 
 def open_cache_dir(path: str) -> int:
@@ -136,7 +143,7 @@ def _load(name, dir_fd, path, secret, key):
         mac, payload = handle.read(_MAC_BYTES), handle.read()
     if not hmac.compare_digest(mac, hmac.new(secret, key.encode() + payload, hashlib.sha256).digest()):
         return None  # not written by us under this key: compile again and replace it
-    # Without the collector: tens of thousands of objects, no cycles (10,000-entry catalog: 42 -> 26 ms)
+    # Without the collector: tens of thousands of objects and no cycles (docs/benchmarks.md)
     with gc_paused():
         return _CatalogUnpickler(io.BytesIO(payload)).load()
 
@@ -164,16 +171,39 @@ def _expire(dir_fd):
             pass
 
 
-def compile_inputs(task_vars) -> str:
-    """Everything the compile reads from the play, as one JSON text: the cache key is made from it."""
-    groups = {name: list(members) for name, members in task_vars["groups"].items()}
-    hostvars = select_hostvars(task_vars["hostvars"], groups.get("all", []))
-    return json.dumps([catalog_vars(task_vars), groups, hostvars], default=str)
+def compile_inputs(variables, groups, hostvars) -> str:
+    """Everything the compile reads, as one JSON text: the cache key is made from it.
+
+    ``variables`` holds the catalog variables (a host's variables will do), ``groups`` and ``hostvars``
+    are Ansible's magic variables; only the per-host variables the compiler reads are kept.
+    """
+    groups = {name: list(members) for name, members in groups.items()}
+    selected = select_hostvars(hostvars, groups.get("all", []))
+    return json.dumps([catalog_vars(variables), groups, selected], default=str)
 
 
-def compiled_policy(task_vars, scope, *, today=None):
-    """The catalog compiled from ``task_vars``: made by the first worker of a play, loaded by the others."""
-    compiled = _load_or_compile(task_vars, scope, today)
+def cached_compile(variables, groups, hostvars, scope, *, today=None) -> Policy:
+    """The compiled catalog: held by this process, else loaded from the cache, else compiled and stored.
+
+    Raises ``CacheRefused`` when the cache directory is not private, ``PortguardError`` when the catalog
+    does not compile.
+    """
+    today = today or datetime.datetime.now(datetime.UTC).date()
+    inputs = compile_inputs(variables, groups, hostvars)
+    key = hashlib.sha256(json.dumps([scope, today.isoformat()]).encode() + inputs.encode()).hexdigest()
+    if key not in _HELD:
+        compiled = _load_or_compile(key, inputs, today)
+        _HELD.clear()
+        _HELD[key] = compiled
+    return _HELD[key]
+
+
+def compiled_policy(task_vars, scope, *, today=None) -> Policy:
+    """An action's compiled catalog: made by the first worker of a play, loaded by the others."""
+    try:
+        compiled = cached_compile(task_vars, task_vars["groups"], task_vars["hostvars"], scope, today=today)
+    except CacheRefused as exc:
+        raise AnsibleActionFail(exc.message) from None  # the same words: no second "caused by"
     # A worker process runs one task for one host: the compiled catalog lives until it exits.
     # Frozen, it is left out of the garbage collector's later passes over this worker's heap
     # (the module runs and their results allocate a lot); reference counting still frees objects.
@@ -181,10 +211,7 @@ def compiled_policy(task_vars, scope, *, today=None):
     return compiled
 
 
-def _load_or_compile(task_vars, scope, today):
-    today = today or datetime.datetime.now(datetime.UTC).date()
-    inputs = compile_inputs(task_vars)
-    key = hashlib.sha256(json.dumps([scope, today.isoformat()]).encode() + inputs.encode()).hexdigest()
+def _load_or_compile(key, inputs, today):
     path = cache_dir()
     dir_fd = open_cache_dir(path)
     try:

@@ -4,7 +4,8 @@ import copy
 
 import pytest
 from kernel_backends import Iptables, Nftables
-from kernel_lab import HOSTS, TODAY, NetLab, build_sample, require
+from kernel_lab import HOSTS, TODAY, NetLab, build_sample
+from support.requirements import require
 
 from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
 

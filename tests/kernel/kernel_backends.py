@@ -6,7 +6,7 @@ how to read the deny counters, and how to set up and snapshot foreign rules
 (Docker-like nat and filter chains, a fail2ban-like nft table, and for
 iptables a fail2ban-like ipset with a rule using it) that loading ours must
 not touch. The iptables backends load through the host module's own steps
-(``firewall_host.IptablesBackend.apply_steps``), in the ipset variant or in
+(``IptablesBackend.apply_steps``, host/firewall/backends.py), in the ipset variant or in
 the per-source rules fallback.
 """
 
@@ -15,11 +15,14 @@ import re
 import secrets
 import shutil
 
-from kernel_lab import NetLab, compare, denied_states, matrix, normalize_nft, rendered_table, require, run, short
+from kernel_lab import NetLab, compare, denied_states, matrix, normalize_nft, rendered_table, run, short
+from support.requirements import require
 
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.contract import SETS
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.ipset import normalize_ipset
 from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables
 from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables
-from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall import transaction as firewall_host
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.backends import IptablesBackend
 
 # A fail2ban-like native table: a base chain of its own on the input hook,
 # banning an address the sample never uses.
@@ -168,7 +171,7 @@ def ipset_save(lab: NetLab, ours: bool) -> str:
     """``ipset save`` of our sets (``ours``) or of every other set, in the host under test."""
     names = lab.ns(lab.dst, "ipset", "list", "-n").stdout.split()
     return "".join(lab.ns(lab.dst, "ipset", "save", name).stdout for name in sorted(names)
-                   if (name.removesuffix("-new") in firewall_host.SETS) == ours)
+                   if (name.removesuffix("-new") in SETS) == ours)
 
 
 class Iptables:
@@ -183,7 +186,7 @@ class Iptables:
         self.variant = variant
         self.ipset = ipset
         suffix = "-legacy" if variant == "legacy" else ""
-        self.host = firewall_host.IptablesBackend(suffix)
+        self.host = IptablesBackend(suffix)
         self.cmd = {family: f"{prefix}{suffix}" for family, prefix in ((4, "iptables"), (6, "ip6tables"))}
         self.restore = {family: f"{prefix}{suffix}-restore" for family, prefix in ((4, "iptables"), (6, "ip6tables"))}
         self.save = {family: f"{prefix}{suffix}-save" for family, prefix in ((4, "iptables"), (6, "ip6tables"))}
@@ -244,13 +247,13 @@ class Iptables:
     def live(self, lab: NetLab) -> str:
         """Our rules as listed, then our sets as ``ipset save`` lists them (normalized like the host module does)."""
         lines = [line for family in (4, 6) for line in self._our_lines(lab, family)]
-        return "\n".join(lines + firewall_host.normalize_ipset(ipset_save(lab, ours=True))) + "\n"
+        return "\n".join(lines + normalize_ipset(ipset_save(lab, ours=True))) + "\n"
 
     def expected(self, policy) -> str:
         ruleset = self.render(policy)
         lines = [line for family in (4, 6) for line in self._payload(ruleset, family).splitlines()
                  if line.startswith("-A ")]
-        return "\n".join(lines + firewall_host.normalize_ipset(ruleset.ipset, rendered=True)) + "\n"
+        return "\n".join(lines + normalize_ipset(ruleset.ipset, rendered=True)) + "\n"
 
     def copies(self, lab: NetLab) -> dict:
         found = {}

@@ -10,7 +10,6 @@ own addresses and no address ever reaches a real network.
 import datetime
 import ipaddress
 import json
-import os
 import random
 import re
 import secrets
@@ -19,8 +18,6 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 AGENT = Path(__file__).with_name("nsagent.py")
 # A fixed day: the example's expired flow (office-legacy-ftp) is then always
@@ -46,19 +43,6 @@ UNCATALOGED = (23, 161, 2375, 3306, 6379)
 # longer under load. Probes run concurrently, so this is paid once per run.
 TCP_TIMEOUT = 0.5
 UDP_TIMEOUT = 1.0
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def require(*tools: str, root: bool = True) -> None:
-    """Skip locally, fail in CI, when root or a tool is missing."""
-    missing = [tool for tool in tools if shutil.which(tool) is None]
-    if root and os.geteuid() != 0:
-        missing.insert(0, "root")
-    if missing:
-        message = f"kernel tests need {', '.join(missing)}"
-        if IN_CI:
-            pytest.fail(message + " (CI=true: missing requirements fail)")
-        pytest.skip(message)
 
 
 def run(*command: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:

@@ -14,8 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / ".build" / "collections"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
+from support.paths import COLLECTIONS
+from support.sockets import open_socket
 
+sys.path.insert(0, str(COLLECTIONS))
 from ansible_collections.portguard.hardening.plugins.module_utils.host.listeners import (
     collect_listeners,
 )
@@ -47,18 +50,6 @@ SHARED = ("tcp", socket.AF_INET, "127.0.0.1", 9090, None, None)
 CHILD_ONLY = ("udp", socket.AF_INET6, "::1", 9091, True, None)
 CHILD_NAME = "pg-child"
 PR_SET_NAME = 15
-
-
-def open_socket(protocol, family, address, port, v6only, device):
-    sock = socket.socket(family, socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
-    if device:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
-    sock.bind((address, port))
-    if protocol == "tcp":
-        sock.listen()
-    return sock
 
 
 def start_child(parent_only):

@@ -19,7 +19,8 @@ import time
 
 def main() -> None:
     sys.path.insert(0, sys.argv[1])
-    from ansible_collections.portguard.hardening.plugins.module_utils.host.probe import default_concurrency, probe_ports
+    from ansible_collections.portguard.hardening.plugins.module_utils.host.probe import probe_ports
+    from ansible_collections.portguard.hardening.plugins.module_utils.host.probe_limits import default_concurrency
 
     request = json.load(sys.stdin)
     targets = [tuple(target) for target in request.get("targets", [])]

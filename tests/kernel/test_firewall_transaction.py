@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from kernel_lab import require
+from support.requirements import require
 
-from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.transaction import normalize_nft
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import normalize_nft
 
 pytestmark = pytest.mark.kernel
 

@@ -16,7 +16,8 @@ import re
 
 import pytest
 from kernel_backends import check_traffic
-from kernel_lab import TODAY, NetLab, build_sample, merge_samples, require
+from kernel_lab import TODAY, NetLab, build_sample, merge_samples
+from support.requirements import require
 
 from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables
 from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables
@@ -71,7 +72,7 @@ def generated_inventory(seed: int):
     services["many"] = {"port": sorted(rng.sample(range(31000, 32000), 16)), "proto": "tcp",
                         "purpose": "Many ports", "owner": "tests"}
 
-    # A range wider than an ipset element holds (render_iptables.SET_PORT_SPAN): a rule next to the set.
+    # A range wider than an ipset element holds (core/backends/ipset.py, SET_PORT_SPAN): a rule next to the set.
     services["wide"] = {"port": "40000-40100", "proto": "tcp", "purpose": "Wide range", "owner": "tests"}
 
     names = [*networks, *peers, "peers"]

@@ -12,19 +12,18 @@ through the ``ansible.posix.json`` callback. Then:
 """
 
 import json
-import os
 import secrets
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
-from kernel_lab import require
+from support.ansible import ansible_env, tool
+from support.catalogs import ssh_only_catalog
+from support.requirements import need, require
 
 pytestmark = [pytest.mark.kernel]
 
-ROOT = Path(__file__).resolve().parents[2]
 PORT = 7777
 NAME = b"evil\x1b[31m\x07\x08name"
 SHOWN = "evil\\x1b[31m\\x07\\x08name"
@@ -39,13 +38,7 @@ sock.listen()
 print("ready", flush=True)
 sys.stdin.read()
 """
-CATALOG = {
-    "portguard_networks": {"admin": ["10.99.0.0/24"]},
-    "portguard_services": {"ssh": {"port": 22, "proto": "tcp", "purpose": "Remote administration",
-                                   "owner": "platform"}},
-    "portguard_flows": [{"name": "admin-ssh", "from": "admin", "to": "target", "services": ["ssh"]}],
-    "portguard_management": {"from": ["admin"], "services": ["ssh"]},
-}
+CATALOG = ssh_only_catalog(to="target")
 PLAYBOOK = """
 - name: Audit a host whose rogue listener chose its own name
   hosts: target
@@ -72,9 +65,8 @@ def run(*argv):
 def played(tmp_path_factory):
     """Run the playbook next to the hostile listener; returns (task results by name, report dir)."""
     require("ip")
-    playbook_command = Path(sys.executable).parent / "ansible-playbook"
-    if not playbook_command.exists():
-        require("ansible-playbook")
+    playbook_command = tool("ansible-playbook")
+    need(playbook_command, "ansible-playbook")
     work = tmp_path_factory.mktemp("hostile-names")
     (work / "play.yml").write_text(PLAYBOOK)
     inventory = {"all": {"hosts": {"target": {"ansible_connection": "local",
@@ -82,12 +74,7 @@ def played(tmp_path_factory):
                                               "portguard_addresses": ["192.0.2.10"]}},
                          "vars": dict(CATALOG, report_dir=str(work / "reports"))}}
     (work / "hosts.json").write_text(json.dumps(inventory))
-    env = {**os.environ,
-           "ANSIBLE_COLLECTIONS_PATH": os.pathsep.join([str(ROOT / ".build" / "collections"), *sys.path]),
-           "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json", "ANSIBLE_NOCOLOR": "1",
-           "ANSIBLE_LOCALHOST_WARNING": "0", "ANSIBLE_RETRY_FILES_ENABLED": "0",
-           "ANSIBLE_LOCAL_TEMP": str(work / "ansible-tmp")}
-    env.pop("ANSIBLE_CONFIG", None)
+    env = ansible_env(work, ANSIBLE_STDOUT_CALLBACK="ansible.posix.json")
     namespace = f"pgh-{secrets.token_hex(3)}"
     run("ip", "netns", "add", namespace)
     try:

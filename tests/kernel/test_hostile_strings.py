@@ -30,13 +30,13 @@ import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from kernel_backends import Iptables, scratch_namespace
-from kernel_lab import require
+from support.requirements import require
 
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.contract import nft_set_name
 from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import (
     chain_rules,
     element_comment,
     render_nftables,
-    set_name,
 )
 from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
 from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import CatalogError
@@ -226,13 +226,13 @@ def check_nftables(scratch, hp: HostPolicy):
     assert len(chains["input"]) == len(chain_rules(hp, "in"))
     assert chains == reference, "the rules differ from those of the same settings with benign names"
     sets = {body["name"]: body for body in found["set"]}
-    assert sorted(sets) == sorted(set_name("in", f, p) for f in (4, 6) for p in ("tcp", "udp"))
+    assert sorted(sets) == sorted(nft_set_name("in", f, p) for f in (4, 6) for p in ("tcp", "udp"))
     for family in (4, 6):
         for proto in ("tcp", "udp"):
-            elements = sets[set_name("in", family, proto)].get("elem", [])
+            elements = sets[nft_set_name("in", family, proto)].get("elem", [])
             comments = sorted(e["elem"].get("comment", "") for e in elements)
             expected = sorted(element_comment(e) for e in hp.entries("in", family, proto))
-            assert comments == expected, f"{set_name('in', family, proto)} holds other elements than rendered"
+            assert comments == expected, f"{nft_set_name('in', family, proto)} holds other elements than rendered"
 
 
 _SAVED_CHAIN = re.compile(r"^:(\S+) ")

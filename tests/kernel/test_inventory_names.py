@@ -18,7 +18,7 @@ import pytest
 import yaml
 from ansible.errors import AnsibleFilterError
 from kernel_backends import FOREIGN_NFT, scratch_namespace
-from kernel_lab import require
+from support.requirements import require
 
 from ansible_collections.portguard.hardening.plugins.filter.portguard import ruleset
 from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables

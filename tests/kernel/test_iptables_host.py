@@ -1,6 +1,6 @@
 """The iptables backend's host steps in a real kernel: revert, variant switches, removal.
 
-What the firewall module does on a host (``firewall_host.IptablesBackend``: validate, apply
+What the firewall module does on a host (``host/firewall/backends.py``, ``IptablesBackend``: validate, apply
 steps, live/compare, restore steps), run inside the namespace under test, through
 iptables-nft and iptables-legacy: a snapshot taken before a change is restored exactly, sets
 and counters included; moving from ipsets to per-source rules destroys the sets, turning egress
@@ -23,12 +23,13 @@ AGENT = r"""
 import json, sys
 request = json.load(sys.stdin)
 sys.path[:0] = request["sys_path"]
-from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall import transaction as firewall_host
-backend = firewall_host.IptablesBackend(request["suffix"])
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.backends import IptablesBackend
+from ansible_collections.portguard.hardening.plugins.module_utils.host.run import run_steps
+backend = IptablesBackend(request["suffix"])
 op, out = request["op"], None
 if op == "apply":
     backend.validate(request["ruleset"])
-    firewall_host._run_steps(backend.apply_steps(request["ruleset"]))
+    run_steps(backend.apply_steps(request["ruleset"]))
 elif op == "compare":
     before, after = backend.compare(request["ruleset"])
     out = {"live_only": sorted(set(before) - set(after)), "rendered_only": sorted(set(after) - set(before)),
@@ -38,9 +39,9 @@ elif op == "snapshot":
         json.dump(backend.restore_steps(backend.live()), handle)
 elif op == "revert":
     with open(request["path"]) as handle:
-        firewall_host._run_steps(json.load(handle))
+        run_steps(json.load(handle))
 elif op == "absent":
-    firewall_host._run_steps(backend.restore_steps(None))
+    run_steps(backend.restore_steps(None))
     out = backend.live()
 print(json.dumps(out))
 """

@@ -12,20 +12,24 @@ most ``burst + ceil(rate x minutes)`` (plus one for a refill at the boundary).
 """
 
 import contextlib
-import fcntl
 import math
-import os
 import secrets
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
-from kernel_lab import require
+from support.catalogs import ssh_only_catalog
+from support.kernel_log import NF_LOG_ALL_NETNS, namespaces_log
+from support.requirements import require
 
-from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables
-from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import (
+    parse_iptables_save,
+    render_iptables,
+)
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import (
+    parse_nft_json,
+    render_nftables,
+)
 from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
 from ansible_collections.portguard.hardening.plugins.module_utils.host import activity
 
@@ -33,14 +37,7 @@ pytestmark = [pytest.mark.kernel]
 
 SRC, DST = "172.30.112.1", "172.30.112.2"
 RATE, BURST = 10, 5
-NF_LOG_ALL_NETNS = Path("/proc/sys/net/netfilter/nf_log_all_netns")
-CATALOG = {
-    "portguard_networks": {"admin": ["192.0.2.0/24"]},
-    "portguard_services": {"ssh": {"port": 22, "proto": "tcp", "purpose": "Remote administration",
-                                   "owner": "platform"}},
-    "portguard_flows": [{"name": "admin-ssh", "from": "admin", "to": "target", "services": ["ssh"]}],
-    "portguard_management": {"from": ["admin"], "services": ["ssh"]},
-}
+CATALOG = ssh_only_catalog(to="target", admin="192.0.2.0/24")
 HOSTVARS = {"target": {"portguard_addresses": [DST], "portguard_log_rate": RATE, "portguard_log_burst": BURST,
                        "portguard_deny": "drop", "portguard_log_prefix": "pgr-scan: "}}
 
@@ -90,23 +87,6 @@ def namespaces():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
 
-@contextlib.contextmanager
-def namespaces_log():
-    """The machine logs the log rules of every network namespace while the block runs; restored after.
-
-    The sysctl belongs to the machine: the tests that set it serialize on one lock file, so that one's
-    restore never cuts another's log.
-    """
-    with open(os.path.join(tempfile.gettempdir(), "portguard-nf-log-all-netns.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        before = NF_LOG_ALL_NETNS.read_text().strip()
-        NF_LOG_ALL_NETNS.write_text("1\n")
-        try:
-            yield
-        finally:
-            NF_LOG_ALL_NETNS.write_text(before + "\n")
-
-
 def load(backend, ns, policy):
     if backend == "nftables":
         run("ip", "netns", "exec", ns, "nft", "-f", "-", input=render_nftables(policy))
@@ -120,8 +100,8 @@ def load(backend, ns, policy):
 
 def counters(backend, ns):
     if backend == "nftables":
-        return activity.parse_nft_json(run("ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet", "portguard"))
-    return activity.parse_iptables_save({"ipv4": run("ip", "netns", "exec", ns, "iptables-save", "-c", "-t", "filter")})
+        return parse_nft_json(run("ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet", "portguard"))
+    return parse_iptables_save({"ipv4": run("ip", "netns", "exec", ns, "iptables-save", "-c", "-t", "filter")})
 
 
 @pytest.mark.parametrize("backend", ["nftables", "iptables"])

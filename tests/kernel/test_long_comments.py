@@ -16,7 +16,7 @@ falls inside a two-byte character. The same holds for a log prefix that
 
 import pytest
 from kernel_backends import Nftables, scratch_namespace
-from kernel_lab import require
+from support.requirements import require
 from test_iptables_host import host
 
 from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables

@@ -9,28 +9,19 @@ socket, owner for owner. The module itself then runs through ``ansible``.
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support.ansible import ansible_env, tool
+from support.requirements import need, require
 
 from ansible_collections.portguard.hardening.plugins.module_utils.host.listeners import collect_listeners
 
-ROOT = Path(__file__).resolve().parents[2]
 HELPER = Path(__file__).with_name("port_facts_netns.py")
 USERS = re.compile(r'\("((?:[^"\\]|\\.)*)",pid=(\d+),fd=\d+\)')
-
-
-def require(ok, what):
-    """Missing prerequisites fail in CI and skip elsewhere, naming what is missing."""
-    if ok:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what} is required")
-    pytest.skip(f"{what} is required")
 
 
 def parse_ss(text):
@@ -64,9 +55,7 @@ def ours(listeners, with_interface=True):
 
 @pytest.fixture(scope="module")
 def netns_report():
-    require(os.geteuid() == 0, "root")
-    for tool in ("unshare", "ss", "ip"):
-        require(shutil.which(tool), f"the {tool} command")
+    require("unshare", "ss", "ip")
     out = subprocess.run(["unshare", "--net", sys.executable, str(HELPER)], check=True,
                          capture_output=True, text=True, timeout=60).stdout
     return json.loads(out)
@@ -106,14 +95,9 @@ def test_owners_names_and_fields(netns_report):
 
 
 def run_module(*extra):
-    require(shutil.which("ansible") or (Path(sys.executable).parent / "ansible").exists(), "ansible")
-    command = shutil.which("ansible") or str(Path(sys.executable).parent / "ansible")
-    env = {
-        **os.environ,
-        "ANSIBLE_COLLECTIONS_PATH": str(ROOT / ".build" / "collections"),
-        "ANSIBLE_LOCALHOST_WARNING": "0",
-        "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
-    }
+    command = tool("ansible")
+    need(command, "ansible")
+    env = ansible_env(ANSIBLE_PYTHON_INTERPRETER=sys.executable)
     # -o: one line per host, "localhost | SUCCESS => {result as JSON}".
     result = subprocess.run([command, "localhost", "-o", "-m", "portguard.hardening.port_facts", *extra],
                             check=True, capture_output=True, text=True, env=env, timeout=120)
@@ -138,8 +122,7 @@ def test_module_through_ansible_reports_a_socket_we_hold():
 
 
 def test_listeners_of_other_network_namespaces_are_skipped_harmlessly():
-    require(os.geteuid() == 0, "root")
-    require(shutil.which("unshare"), "the unshare command")
+    require("unshare")
     # A process of this pid namespace listening in its own network namespace, as a container would.
     code = ("import socket, sys; s = socket.socket(); s.bind(('0.0.0.0', 0)); s.listen(); "
             "print(s.getsockname()[1], flush=True); sys.stdin.read()")

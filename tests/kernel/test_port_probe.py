@@ -25,21 +25,21 @@ import contextlib
 import datetime
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from kernel_lab import NetLab, Sample, require
+from kernel_lab import NetLab, Sample
+from support.ansible import ansible_env, tool
+from support.paths import COLLECTIONS
+from support.requirements import need, require
 
 from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables
 from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
 
 pytestmark = pytest.mark.kernel
 
-ROOT = Path(__file__).resolve().parents[2]
-COLLECTIONS = ROOT / ".build" / "collections"
 RUNNER = Path(__file__).with_name("probe_runner.py")
 TARGET = {4: "198.18.77.1", 6: "2001:db8:77::1"}
 PROBER = {4: "198.18.77.2", 6: "2001:db8:77::2"}
@@ -216,10 +216,9 @@ def test_full_sweep_under_reject_misclassifies_nothing(lab, load):
 
 
 def ansible_command() -> str:
-    found = shutil.which("ansible") or str(Path(sys.executable).parent / "ansible")
     require("ip")
-    if not Path(found).exists():
-        require("ansible")
+    found = tool("ansible")
+    need(found, "ansible")
     return found
 
 
@@ -234,8 +233,7 @@ def test_module_through_ansible_in_the_prober_namespace(lab, load):
         "ports": ["7999-8004", "9100"],
         "timeout": 1.0,
     }
-    env = {**os.environ, "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS), "ANSIBLE_LOCALHOST_WARNING": "0",
-           "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0", "ANSIBLE_PYTHON_INTERPRETER": sys.executable}
+    env = ansible_env(ANSIBLE_PYTHON_INTERPRETER=sys.executable)
     expected = [("open", TARGET[4], 80, "tcp"), ("open", TARGET[6], 53, "udp"), ("filtered", TARGET[6], 5432, "tcp"),
                 ("closed", TARGET[4], 514, "udp")]
     expected += [(truth(policy, family, port, "tcp"), TARGET[family], port, "tcp")
@@ -257,8 +255,7 @@ def test_module_through_ansible_in_the_prober_namespace(lab, load):
 
 def test_module_refuses_a_bad_target_through_ansible(lab):
     command = ansible_command()
-    env = {**os.environ, "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS), "ANSIBLE_LOCALHOST_WARNING": "0",
-           "ANSIBLE_PYTHON_INTERPRETER": sys.executable}
+    env = ansible_env(ANSIBLE_PYTHON_INTERPRETER=sys.executable)
     args = {"targets": [{"address": TARGET[4], "port": 70000}]}
     result = subprocess.run(["ip", "netns", "exec", lab.src, command, "localhost", "-o", "-m",
                              "portguard.hardening.port_probe", "-a", json.dumps(args)],

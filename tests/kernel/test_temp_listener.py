@@ -13,7 +13,6 @@ read by the test.
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,14 +20,15 @@ import time
 from pathlib import Path
 
 import pytest
-from kernel_lab import require, run
+from kernel_lab import run
+from support.ansible import ansible_env, tool
+from support.paths import COLLECTIONS, ROOT
+from support.requirements import require
 
 from ansible_collections.portguard.hardening.plugins.module_utils.host.probe import REQUEST_MAGIC, udp_request
 
 pytestmark = pytest.mark.kernel
 
-ROOT = Path(__file__).resolve().parents[2]
-COLLECTIONS = ROOT / ".build" / "collections"
 MODULE = ROOT / "plugins" / "modules" / "temp_listener.py"
 RUNNER = Path(__file__).with_name("probe_runner.py")
 NO_IPV6 = Path(__file__).with_name("no_ipv6.py")
@@ -223,9 +223,8 @@ def test_replies_are_rate_limited(hosts):
 
 def test_probes_see_the_listener_open(hosts):
     """The prober's own requests are answered: TCP and UDP open, both through the module via Ansible."""
-    ansible = shutil.which("ansible") or str(Path(sys.executable).parent / "ansible")
-    env = {**os.environ, "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS), "ANSIBLE_LOCALHOST_WARNING": "0",
-           "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0", "ANSIBLE_PYTHON_INTERPRETER": sys.executable}
+    ansible = tool("ansible")
+    env = ansible_env(ANSIBLE_PYTHON_INTERPRETER=sys.executable)
     args = {"ports": [{"port": 40700, "proto": "tcp"}, {"port": 40700, "proto": "udp"}], "lifetime": 60}
     started = subprocess.run(hosts.command("b", ansible, "localhost", "-o", "-m", "portguard.hardening.temp_listener",
                                            "-a", json.dumps(args)), capture_output=True, text=True, env=env,

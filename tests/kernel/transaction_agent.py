@@ -1,7 +1,7 @@
 """Runs one scenario of test_firewall_transaction.py inside a fresh network namespace (``unshare --net``).
 
 ``python transaction_agent.py <scenario> <workdir>`` prints the scenario's findings as JSON. The host code
-(``firewall_host.Host``, the module's ``run_phase``) runs as on a managed host, with its state, persisted
+(``transaction.Host``, the module's ``run_phase``) runs as on a managed host, with its state, persisted
 files, boot unit and loader under ``workdir``; the namespace's nftables/iptables are real and its own.
 """
 
@@ -12,8 +12,13 @@ import sys
 import threading
 import time
 
+from support.fakes import FakeModule
+
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import normalize_nft
 from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import PortguardError
 from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall import transaction as firewall_host
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.backends import NftablesBackend
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.persist import unit_text
 from ansible_collections.portguard.hardening.plugins.modules import firewall as firewall_module
 
 TABLE = """table inet portguard
@@ -49,17 +54,8 @@ CHAINS_V4 = "*filter\n:PORTGUARD-IN - [0:0]\n-A PORTGUARD-IN -i lo -j ACCEPT\nCO
 IPTABLES = {"ipv4": CHAINS_V4, "ipv6": CHAINS_V4, "jumps": [["INPUT", "PORTGUARD-IN"]], "ipset": "", "sets": []}
 
 
-class Module:
-    check_mode = False
-
-    def __init__(self):
-        self.warnings = []
-
-    def warn(self, text):
-        self.warnings.append(text)
-
-    def fail_json(self, **result):
-        raise PortguardError(result["msg"])
+class Module(FakeModule):
+    error = PortguardError
 
 
 def host(workdir, persist_dir=None):
@@ -85,22 +81,22 @@ def nft(*args, data=None):
 
 
 def live():
-    return firewall_host.NftablesBackend().live()
+    return NftablesBackend().live()
 
 
 def slow_record(workdir):
     """A loaded host: the pending record lands 1.5 s after the revert process started (first tick 0.2 s)."""
-    write = firewall_host._write_atomic
+    write = firewall_host.write_atomic
 
     def slow(path, text, mode=0o600):
         if path.endswith("pending.json"):
             time.sleep(1.5)
         write(path, text, mode)
 
-    firewall_host._write_atomic = slow
+    firewall_host.write_atomic = slow
     nft("-f", "-", data=OPEN)
     started = time.time()
-    result = host(workdir).apply(firewall_host.NftablesBackend(), LOCK, check_mode=False, arm=True, timeout=3)
+    result = host(workdir).apply(NftablesBackend(), LOCK, check_mode=False, arm=True, timeout=3)
     locked = live()
     end = started + 15
     while not os.path.exists(f"{workdir}/run/reverted.json") and time.time() < end:
@@ -132,7 +128,7 @@ def interleaved(workdir):
     confirm_a.join()
     with open(f"{workdir}/etc/ruleset.nft") as handle:
         boot = handle.read()
-    return {"live": firewall_host.normalize_nft(live()), "boot": firewall_host.normalize_nft(boot),
+    return {"live": normalize_nft(live()), "boot": normalize_nft(boot),
             "states": [replies["a"].get("state"), replies["b"].get("state")]}
 
 
@@ -148,7 +144,7 @@ def persistence_error(workdir):
     except Exception as exc:  # pylint: disable=broad-exception-caught
         reply = {"escaped": f"{type(exc).__name__}: {exc}"}
     pending = os.path.exists(f"{workdir}/run/pending.json")
-    return {"reply": reply, "pending": pending, "live": firewall_host.normalize_nft(live())}
+    return {"reply": reply, "pending": pending, "live": normalize_nft(live())}
 
 
 def hostile_iptables(workdir):
@@ -193,9 +189,9 @@ def hostile_nft(workdir):
 def debian_reload(workdir):
     """Ours, then Debian's nftables.conf (flush ruleset) loads over it, then the unit's reload command."""
     guard = host(workdir)
-    backend = firewall_host.NftablesBackend()
+    backend = NftablesBackend()
     guard.persist(backend, OPEN, FALLBACK, check_mode=False, systemd=False)
-    unit = firewall_host.unit_text(guard.loader_path)
+    unit = unit_text(guard.loader_path)
     reload_command = next(line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("ExecReload="))
     subprocess.run([guard.loader_path], check=True)
     loaded = live()

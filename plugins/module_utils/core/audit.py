@@ -31,7 +31,8 @@ import json
 import xml.etree.ElementTree as ET
 
 from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import PortguardError
-from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import FAMILY_NAMES, merge_intervals
+from ansible_collections.portguard.hardening.plugins.module_utils.core.intervals import merge_intervals
+from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import FAMILY_NAMES
 from ansible_collections.portguard.hardening.plugins.module_utils.core.printable import printable
 
 CONTROLLER_FLOW = "controller"  # catalog.CONTROLLER_FLOW: the Ansible connection, not a cataloged service

@@ -8,13 +8,19 @@ so that they load into nftables interval sets and the output does not depend
 on the order of the catalog.
 """
 
-import bisect
 import contextlib
 import gc
 import ipaddress
 import operator
-import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from ansible_collections.portguard.hardening.plugins.module_utils.core.intervals import (
+    interval_cidrs,
+    interval_text,
+    merge_intervals,
+)
 
 FAMILIES = (4, 6)
 FAMILY_NAMES = {4: "ipv4", 6: "ipv6"}
@@ -74,23 +80,9 @@ class Entry:
 
 
 @dataclass(frozen=True)
-class HostSettings:
-    backend: str = "auto"
-    mode: str = "enforce"
-    deny: str = "reject"
-    egress: bool = False
-    allow_ping: bool = True
-    rollback_timeout: int = 30
-    log_rate: int = 10
-    log_burst: int = 5
-    log_prefix: str = "portguard-deny: "
-    addresses: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class HostPolicy:
     host: str
-    settings: HostSettings
+    settings: object  # a catalog.inventory.HostSettings
     ingress: tuple[Entry, ...]
     egress: tuple[Entry, ...] = ()
     management: tuple[Entry, ...] = ()
@@ -133,7 +125,7 @@ class Finding:
 class Policy:
     """Everything compiled from one catalog and inventory, once per play."""
 
-    hosts: dict[str, HostSettings]
+    hosts: dict[str, object]  # host -> catalog.inventory.HostSettings
     findings: list[Finding] = field(default_factory=list)
     expired: list[dict] = field(default_factory=list)
     _builder: object = None
@@ -152,6 +144,44 @@ class Policy:
         """Does the catalog let a new connection from ``src_address`` reach ``port/proto`` on ``dst_host``?"""
         return self.host(dst_host).allowed_in(src_address, port, proto)
 
+    # What the policy was compiled from, read-only (the reports, the verify plan and the lint read it).
+    @property
+    def groups(self) -> Mapping[str, list[str]]:
+        """Inventory groups and their members (sorted); ``all`` is every inventory host."""
+        return MappingProxyType(self._builder.groups)
+
+    @property
+    def networks(self) -> Mapping[str, dict]:
+        """Each network's addresses: family -> sorted disjoint ``(lo, hi)``."""
+        return MappingProxyType(self._builder.networks)
+
+    @property
+    def services(self) -> Mapping[str, object]:
+        """The catalog's services by name (``catalog.schema.Service``)."""
+        return MappingProxyType(self._builder.services)
+
+    @property
+    def flows(self) -> tuple:
+        """The flows that are rendered (expired ones left out), in catalog order (``catalog.schema.Flow``)."""
+        return tuple(self._builder.flows)
+
+    @property
+    def management(self):
+        """The management floor as a flow to every host, or None when the catalog has none."""
+        return self._builder.management
+
+    @property
+    def unresolvable(self) -> Mapping[str, object]:
+        """What a ``collect_errors`` compile left out: the ``groups``, ``hosts``, ``networks``, ``services``
+        (names) and ``flows`` (indexes) that did not compile or name such an entry; ``management`` (bool)."""
+        return MappingProxyType({key: value if isinstance(value, bool) else frozenset(value)
+                                 for key, value in self._builder.unresolvable.items()})
+
+    @property
+    def host_intervals(self) -> Mapping[str, dict]:
+        """Each host's own addresses: family -> ``(lo, hi)`` intervals."""
+        return MappingProxyType(self._builder.host_intervals)
+
 
 @contextlib.contextmanager
 def gc_paused():
@@ -169,62 +199,6 @@ def gc_paused():
         yield
     finally:
         gc.enable()
-
-
-def _v6_text_ipaddress(value: int) -> str:
-    return str(ipaddress.IPv6Address(value))
-
-
-def _v6_text_ntop(value: int) -> str:
-    # ::/96 and ::ffff:0:0/96: inet_ntop writes an embedded IPv4 address there, ipaddress does not
-    if value >> 32 in (0, 0xFFFF):
-        return str(ipaddress.IPv6Address(value))
-    return socket.inet_ntop(socket.AF_INET6, value.to_bytes(16, "big"))
-
-
-def _pick_v6_text():
-    """inet_ntop is about 8x faster than ipaddress; use it only where it writes what ipaddress writes."""
-    samples = ("2001:db8::1", "2001:db8:0:1:1:1:1:1", "1:0:0:2:0:0:0:3", "1:0:0:2:0:0:3:4", "fe80::", "::1:2:3:4:5",
-               "2001:db8:ab:cd:ef:1234:5678:9abc", "1::", "0:1::", "ffff::ffff:1:2", "1:2:3:4:5:6:7:0")
-    try:
-        if all(_v6_text_ntop(int(ipaddress.IPv6Address(s))) == str(ipaddress.IPv6Address(s)) for s in samples):
-            return _v6_text_ntop
-    except (OSError, ValueError, AttributeError):
-        pass
-    return _v6_text_ipaddress
-
-
-_v6_text = _pick_v6_text()
-
-
-def address_text(family: int, value: int) -> str:
-    """One address as ``ipaddress`` writes it (and as nft lists it), without building an address object."""
-    if family == 4:
-        return socket.inet_ntoa(value.to_bytes(4, "big"))
-    return _v6_text(value)
-
-
-_NTOA = socket.inet_ntoa
-
-
-def interval_text(family: int, low: int, high: int) -> str:
-    """An address range as nft writes it: an address, a CIDR or ``a-b``."""
-    if low == high:  # most entries: one address, written here without further calls
-        return _NTOA(low.to_bytes(4, "big")) if family == 4 else _v6_text(low)
-    size = high - low + 1
-    if size & (size - 1) == 0 and low % size == 0:
-        bits = 32 if family == 4 else 128
-        return f"{address_text(family, low)}/{bits - size.bit_length() + 1}"
-    return f"{address_text(family, low)}-{address_text(family, high)}"
-
-
-def interval_cidrs(family: int, low: int, high: int) -> list[str]:
-    size = high - low + 1
-    if size & (size - 1) == 0 and low % size == 0:  # one block (most entries): no summarizing needed
-        bits = 32 if family == 4 else 128
-        return [f"{address_text(family, low)}/{bits - size.bit_length() + 1}"]
-    cls = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
-    return [str(net) for net in ipaddress.summarize_address_range(cls(low), cls(high))]
 
 
 def _new_entry(family, proto, addr_lo, addr_hi, port_lo, port_hi, labels) -> Entry:
@@ -246,42 +220,7 @@ def _new_entry(family, proto, addr_lo, addr_hi, port_lo, port_hi, labels) -> Ent
 
 
 _NEW = object.__new__
-_LOW_HIGH = operator.itemgetter(0, 1)
 _ADDR_PORT = operator.attrgetter("addr_lo", "port_lo")
-
-
-def merge_intervals(intervals):
-    """Union of ``(lo, hi, tag)`` intervals as sorted, disjoint ``(lo, hi, tags)``.
-
-    Adjacent intervals are joined as well, so that the result is minimal.
-    """
-    merged = []
-    for low, high, tag in sorted(intervals, key=_LOW_HIGH):
-        if merged and low <= merged[-1][1] + 1:
-            last = merged[-1]
-            if high > last[1]:
-                last[1] = high
-            last[2].add(tag)
-        else:
-            merged.append([low, high, {tag}])
-    return merged
-
-
-def merge_ranges(ranges) -> list[tuple[int, int]]:
-    """Union of ``(lo, hi)`` ranges as sorted, disjoint ``(lo, hi)``; adjacent ones are joined."""
-    merged = []
-    last_lo = last_hi = None
-    for low, high in sorted(ranges):
-        if last_hi is not None and low <= last_hi + 1:
-            if high > last_hi:
-                last_hi = high
-        else:
-            if last_hi is not None:
-                merged.append((last_lo, last_hi))
-            last_lo, last_hi = low, high
-    if last_hi is not None:
-        merged.append((last_lo, last_hi))
-    return merged
 
 
 def disjoint_entries(family: int, proto: str, rects, labels: list[Label]) -> list[Entry]:
@@ -327,9 +266,3 @@ def disjoint_entries(family: int, proto: str, rects, labels: list[Label]) -> lis
             entries.append(_new_entry(family, proto, addr_lo, addr_hi, port_lo, port_hi, found))
     entries.sort(key=_ADDR_PORT)
     return entries
-
-
-def address_in(intervals: list[tuple[int, int]], starts: list[int], value: int) -> bool:
-    """Is ``value`` inside sorted disjoint ``intervals`` (``starts`` are their lows)?"""
-    index = bisect.bisect_right(starts, value) - 1
-    return index >= 0 and intervals[index][1] >= value

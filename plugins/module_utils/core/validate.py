@@ -48,12 +48,11 @@ _SHOWN_CHARS = 40  # of a value, in messages
 # Never written into a rule, whatever validated it: what ends a quoted string or a line in nft,
 # iptables-restore or ipset restore input (every C0/C1 control, the Unicode line separators).
 _RULE_TEXT_UNSAFE_RE = re.compile(r'["\\\x00-\x1f\x7f-\x9f\u2028\u2029]')
-# Fast path of parse_network (a catalog holds thousands of addresses; ipaddress costs
-# about 10 us each): only plain forms that the full checks below accept. IPv4 as the
-# canonical dotted quad (what inet_ntoa writes back), IPv6 as hex groups of 1-4 ASCII
-# digits with at most one "::", no embedded IPv4, no zone; prefixes without leading
-# zeros. Anything else, and any value the fast path doubts, takes the full path,
-# which also writes the error messages.
+# Fast path of parse_network (a catalog holds thousands of addresses; ipaddress is slow at that, see
+# docs/benchmarks.md): only plain forms that the full checks below accept. IPv4 as the canonical dotted quad
+# (what inet_ntoa writes back), IPv6 as hex groups of 1-4 ASCII digits with at most one "::", no embedded
+# IPv4, no zone; prefixes without leading zeros. Anything else, and any value the fast path doubts, takes
+# the full path, which also writes the error messages.
 _V4_PREFIXES = {str(bits): bits for bits in range(33)}  # "0" to "32", no leading zeros
 _HEXTETS = r"[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4})*"
 _FAST_V6_RE = re.compile(rf"((?:{_HEXTETS})?(?:::(?:{_HEXTETS})?)?)(?:/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))?")
@@ -64,22 +63,14 @@ _ATON = socket.inet_aton
 _NTOA = socket.inet_ntoa
 
 
+_TYPE_NAMES = ((bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "a string"), (dict, "a mapping"),
+               ((list, tuple), "a list"))  # bool before int: a bool is an int too
+
+
 def type_name(value) -> str:
     if value is None:
         return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    return type(value).__name__
+    return next((name for kind, name in _TYPE_NAMES if isinstance(value, kind)), type(value).__name__)
 
 
 def shown(value) -> str:

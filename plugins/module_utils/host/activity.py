@@ -1,6 +1,7 @@
 """Read what our table or chains saw: deny counters, per-entry hits, and the log lines of denied packets.
 
-Host side, standard library only. The kernel log is read from ``/dev/kmsg``
+Host side: this file reads; the parsers of each backend's counters live with that backend
+(core/backends/), the kernel log's parsers here. The kernel log is read from ``/dev/kmsg``
 (sequence numbers make a cursor, so a later run reads only what is new), or
 from journald's kernel log where ``/dev/kmsg`` is not readable. A container
 usually has neither, and the kernel drops the log of a non-init network
@@ -19,122 +20,45 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import time
 
-TABLE = "portguard"
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.contract import (
+    IPT_TABLE,
+    NFT_TABLE_REF,
+    SET_KEYS,
+    STATE_DIR,
+)
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.ipset import parse_ipset_save
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import (
+    holds_ours,
+    parse_iptables_save,
+)
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import parse_nft_json
+from ansible_collections.portguard.hardening.plugins.module_utils.host.run import run
+
 KERNEL_FACILITY = 0
 KMSG = "/dev/kmsg"
-STATE_DIR = "/run/portguard"
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 _FIELD_RE = re.compile(r"\b(IN|OUT|SRC|DST|PROTO|SPT|DPT|TYPE|CODE)=(\S*)")
-_LOG_SAVE_RE = re.compile(r"-j LOG\b")
-_SAVE_RE = re.compile(r"^\[(\d+):(\d+)\] -A (PORTGUARD-(?:IN|OUT)) (.*)$")
-_COMMENT_RE = re.compile(r'--comment (?:"([^"]*)"|(\S+))')
-
-
-def _run(argv):
-    return subprocess.run(argv, capture_output=True, text=True, check=False)
-
-
-def _value_text(value) -> str:
-    if isinstance(value, dict):
-        if "prefix" in value:
-            return f"{value['prefix']['addr']}/{value['prefix']['len']}"
-        if "range" in value:
-            low, high = value["range"]
-            return f"{_value_text(low)}-{_value_text(high)}"
-    return str(value)
-
-
-def parse_nft_json(text: str) -> dict:
-    """Counters from ``nft -j list table inet portguard``."""
-    result = {"backend": "nftables", "denied_in": None, "denied_out": None, "logged_in": None, "logged_out": None,
-              "elements": []}
-    for item in json.loads(text).get("nftables", []):
-        if "counter" in item and item["counter"].get("name", "").startswith("denied_"):
-            result[item["counter"]["name"]] = item["counter"]["packets"]
-        if "rule" in item:
-            # The log rule's own counter sits after the limit: it counts the lines the kernel was asked to write.
-            exprs = item["rule"].get("expr", [])
-            if any("log" in expr for expr in exprs):
-                direction = "in" if item["rule"].get("chain") == "input" else "out"
-                for expr in exprs:
-                    if isinstance(expr.get("counter"), dict):
-                        result[f"logged_{direction}"] = (result[f"logged_{direction}"] or 0) + expr["counter"]["packets"]
-        if "set" in item:
-            for element in item["set"].get("elem", []):
-                body = element.get("elem", element)
-                concat = body.get("val", {}).get("concat", [None, None])
-                counter = body.get("counter", {})
-                result["elements"].append({
-                    "set": item["set"]["name"],
-                    "addresses": _value_text(concat[0]),
-                    "ports": _value_text(concat[1]),
-                    "comment": body.get("comment", ""),
-                    "packets": counter.get("packets", 0),
-                    "bytes": counter.get("bytes", 0),
-                })
-    return result
-
-
-def parse_iptables_save(texts: dict) -> dict:
-    """Counters from ``iptables-save -c`` / ``ip6tables-save -c`` of the filter table, per family."""
-    result = {"backend": "iptables", "denied_in": None, "denied_out": None, "logged_in": None, "logged_out": None,
-              "elements": []}
-    for family, text in sorted(texts.items()):
-        for line in text.splitlines():
-            match = _SAVE_RE.match(line.strip())
-            if not match:
-                continue
-            packets, size, chain, rule = int(match.group(1)), int(match.group(2)), match.group(3), match.group(4)
-            comment_match = _COMMENT_RE.search(rule)
-            comment = (comment_match.group(1) or comment_match.group(2)) if comment_match else ""
-            if comment in ("denied_in", "denied_out"):
-                result[comment] = (result[comment] or 0) + packets
-            elif _LOG_SAVE_RE.search(rule):
-                key = "logged_in" if chain == "PORTGUARD-IN" else "logged_out"
-                result[key] = (result[key] or 0) + packets
-            elif "-j ACCEPT" in rule and comment:
-                result["elements"].append({"set": f"{chain}/{family}", "addresses": rule.split(" -p ")[0],
-                                           "ports": rule, "comment": comment, "packets": packets, "bytes": size})
-    return result
-
-
-_IPSET_ADD_RE = re.compile(r'^add (portguard-(in|out)([46])) (\S+),(\S+) packets (\d+) bytes (\d+)(?: comment "([^"]*)")?')
-
-
-def parse_ipset_save(text: str) -> list[dict]:
-    """Per-element counters of our sets (``ipset save``), named like the chain that matches them."""
-    elements = []
-    for line in text.splitlines():
-        match = _IPSET_ADD_RE.match(line.strip())
-        if match:
-            chain = "PORTGUARD-IN" if match.group(2) == "in" else "PORTGUARD-OUT"
-            elements.append({"set": f"{chain}/ipv{match.group(3)}", "addresses": match.group(4),
-                             "ports": match.group(5), "comment": match.group(8) or "",
-                             "packets": int(match.group(6)), "bytes": int(match.group(7))})
-    return elements
 
 
 def _ipset_save_ours() -> str:
     if not shutil.which("ipset"):
         return ""
-    names = _run(["ipset", "list", "-n"]).stdout.split()
-    return "".join(_run(["ipset", "save", name]).stdout for name in sorted(names)
-                   if re.fullmatch(r"portguard-(in|out)[46]", name))
+    names = run(["ipset", "list", "-n"], check=False).stdout.split()
+    return "".join(run(["ipset", "save", name], check=False).stdout for name in sorted(names) if name in SET_KEYS)
 
 
 def read_counters() -> dict:
     """The counters of whichever backend holds our rules; ``backend: none`` when neither does."""
     if shutil.which("nft"):
-        proc = _run(["nft", "-j", "list", "table", "inet", TABLE])
+        proc = run(["nft", "-j", "list", "table", *NFT_TABLE_REF.split()], check=False)
         if proc.returncode == 0:
             return parse_nft_json(proc.stdout)
     if shutil.which("iptables-save"):
-        texts = {family: _run([tool, "-c", "-t", "filter"]).stdout
+        texts = {family: run([tool, "-c", "-t", IPT_TABLE], check=False).stdout
                  for tool, family in (("iptables-save", "ipv4"), ("ip6tables-save", "ipv6"))}
-        if any("PORTGUARD-" in text for text in texts.values()):
+        if any(holds_ours(text) for text in texts.values()):
             result = parse_iptables_save(texts)
             # the ipset variant keeps its whitelist, and the per-entry counters, in sets
             result["elements"] += parse_ipset_save(_ipset_save_ours())
@@ -273,7 +197,7 @@ def read_journal(prefix: str, addresses=(), since=None, not_before=None) -> dict
             f"SYSLOG_FACILITY={KERNEL_FACILITY}"]
     if since and since.get("source") == "journal" and since.get("cursor"):
         argv.append(f"--after-cursor={since['cursor']}")
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    proc = run(argv, check=False)
     if proc.returncode not in (0, 1):  # 1: nothing matched
         raise OSError(proc.stderr.strip() or f"journalctl failed ({proc.returncode})")
     cursor = since.get("cursor") if since and since.get("source") == "journal" else None

@@ -28,7 +28,6 @@ import ipaddress
 import itertools
 import math
 import os
-import resource
 import select
 import socket
 import struct
@@ -36,6 +35,10 @@ import time
 from collections import deque
 
 from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import PortguardError
+from ansible_collections.portguard.hardening.plugins.module_utils.host.probe_limits import (
+    FileLimit,
+    default_concurrency,
+)
 
 OPEN, CLOSED, FILTERED = "open", "closed", "filtered"
 REJECT_ERRNOS = {errno.EHOSTUNREACH, errno.EACCES, errno.ENETUNREACH, errno.EPERM}
@@ -52,11 +55,6 @@ IP_RECVERR = 11
 IPV6_RECVERR = 25
 IP_BIND_ADDRESS_NO_PORT = 24
 SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0o4000)
-# File descriptors left to the rest of the process (Ansible's module glue, stdio) when sizing a run.
-FD_RESERVE = 64
-# Default concurrency: attempts in flight per CPU, and at most. See default_concurrency().
-PER_CPU = 8192
-MAX_CONCURRENCY = 16384
 # Attempts started between two looks at the answers.
 START_BATCH = 512
 
@@ -75,22 +73,6 @@ class ProbeError(PortguardError):
 def udp_request() -> bytes:
     """A UDP probe: the magic and a fresh nonce (the temporary listener answers nothing else)."""
     return REQUEST_MAGIC + os.urandom(NONCE_BYTES)
-
-
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def default_concurrency() -> int:
-    """In-flight attempts: enough to sweep every port under drop, no more than the CPU and fd limit serve.
-
-    PER_CPU attempts per CPU, at most MAX_CONCURRENCY, and no more sockets than
-    the hard open-file limit lets the process open (the run raises its soft
-    limit that far when it needs to).
-    """
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    room = MAX_CONCURRENCY if hard == resource.RLIM_INFINITY else hard - FD_RESERVE
-    return max(16, min(PER_CPU * _cpus(), MAX_CONCURRENCY, room))
 
 
 class _Attempt:
@@ -112,9 +94,15 @@ def _result(target, state, reason, rtt=None):
 
 
 def _family_of(address, cache):
+    """4 or 6, or None for anything that is not an IP address in text form."""
+    if not isinstance(address, str):
+        return None
     family = cache.get(address)
     if family is None:
-        family = cache[address] = ipaddress.ip_address(address).version
+        try:
+            family = cache[address] = ipaddress.ip_address(address).version
+        except ValueError:
+            return None
     return family
 
 
@@ -127,10 +115,7 @@ def check_targets(targets, source=None):
         if not isinstance(target, (tuple, list)) or len(target) not in (3, 4):
             raise ProbeError(f"{where}: a target is (address, port, proto[, source]), got {target!r}")
         address, port, proto = target[:3]
-        try:
-            family = _family_of(address, cache) if isinstance(address, str) else None
-        except ValueError:
-            family = None
+        family = _family_of(address, cache)
         if family is None:
             raise ProbeError(f"{where}: bad address {address!r}: expected an IPv4 or IPv6 address")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
@@ -139,10 +124,7 @@ def check_targets(targets, source=None):
             raise ProbeError(f"{where}: bad proto {proto!r}: expected tcp or udp")
         chosen = (target[3] if len(target) > 3 else None) or source
         if chosen:
-            try:
-                source_family = _family_of(chosen, cache) if isinstance(chosen, str) else None
-            except ValueError:
-                source_family = None
+            source_family = _family_of(chosen, cache)
             if source_family is None:
                 raise ProbeError(f"{where}: bad source {chosen!r}: expected an IPv4 or IPv6 address")
             if source_family != family:
@@ -160,39 +142,6 @@ def check_targets(targets, source=None):
                     raise ProbeError(f"targets[{index}]: source {chosen} cannot be used here: {exc.strerror}",
                                      exc.errno) from exc
     return plan
-
-
-class _FileLimit:
-    """Room for ``wanted`` more sockets: the soft open-file limit raised (up to the hard one) for the run."""
-
-    def __init__(self, wanted):
-        self.wanted = wanted
-        self.saved = None
-        self.room = 1
-
-    def __enter__(self):
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        try:
-            in_use = len(os.listdir("/proc/self/fd"))
-        except OSError:
-            in_use = FD_RESERVE
-        needed = self.wanted + in_use + FD_RESERVE
-        if soft != resource.RLIM_INFINITY and soft < needed:
-            raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-            try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-                self.saved, soft = (soft, hard), raised
-            except (ValueError, OSError):
-                pass  # keep the limit we have; the run is clamped to it
-        self.room = self.wanted if soft == resource.RLIM_INFINITY else max(1, soft - in_use - FD_RESERVE)
-        return self
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, self.saved)
-            except (ValueError, OSError):
-                pass
 
 
 def probe_ports(targets, *, timeout=1.0, concurrency=None, source=None):
@@ -214,7 +163,7 @@ def probe_ports(targets, *, timeout=1.0, concurrency=None, source=None):
     if len(targets) > MAX_TARGETS:
         raise ProbeError(f"more than {MAX_TARGETS} targets in one call: split them over several calls")
     plan = check_targets(targets, source)
-    with _FileLimit(concurrency or default_concurrency()) as limit:
+    with FileLimit(concurrency or default_concurrency()) as limit:
         # The temporary listener never answers a datagram from a port it serves: no UDP probe may come from
         # a port that this run probes over UDP (a port the listener may serve), or it would look filtered.
         avoid = {target[1] for target in targets if target[2] == "udp"}

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import sysconfig
 import textwrap
 import time
@@ -28,45 +27,19 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from support.ansible import ansible_env, tool
+from support.requirements import need
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[3]
 IMAGE = os.environ.get("PORTGUARD_LAB_IMAGE", "localhost/portguard-lab:bookworm")
 CONTAINERS_CONF = ROOT / "scripts" / "lab" / "containers.conf"
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def need(condition, what):
-    if condition:
-        return
-    if IN_CI:
-        pytest.fail(f"CI=true and {what}")
-    pytest.skip(what)
 
 
 def podman(*args, check=True):
     env = dict(os.environ, CONTAINERS_CONF=str(CONTAINERS_CONF))
     return subprocess.run(["podman", *args], check=check, capture_output=True, text=True, env=env)
-
-
-def collections_path():
-    """<repo>/.build/collections (conftest links the repo there) plus the one holding containers.podman."""
-    paths = [str(ROOT / ".build" / "collections")]
-    for entry in [sysconfig.get_paths()["purelib"], *sys.path]:
-        if entry and (Path(entry) / "ansible_collections" / "containers" / "podman").is_dir():
-            paths.append(entry)
-            break
-    else:
-        need(False, "the containers.podman collection is not installed (pip install ansible)")
-    return ":".join(paths)
-
-
-def ansible_playbook():
-    found = Path(sys.executable).parent / "ansible-playbook"
-    if found.exists():
-        return str(found)
-    return shutil.which("ansible-playbook")
 
 
 CATALOG = """
@@ -126,7 +99,9 @@ PLAYBOOK = """
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     need(shutil.which("podman") is not None, "podman is not installed (apt-get install podman runc)")
-    need(ansible_playbook() is not None, "ansible-playbook is not installed (scripts/setup.sh)")
+    need(tool("ansible-playbook"), "ansible-playbook (scripts/setup.sh)")
+    need((Path(sysconfig.get_paths()["purelib"]) / "ansible_collections" / "containers" / "podman").is_dir(),
+         "the containers.podman collection (pip install ansible)")
     need(podman("image", "exists", IMAGE, check=False).returncode == 0,
          f"image {IMAGE} is missing (bash scripts/lab-image.sh)")
     name = f"pgaudit-{uuid.uuid4().hex[:8]}"
@@ -177,20 +152,13 @@ def lab(tmp_path_factory):
 
 def run_playbook(lab, **extra):
     work = lab["work"]
-    env = dict(
-        os.environ,
-        ANSIBLE_COLLECTIONS_PATH=collections_path(),
-        ANSIBLE_HOST_KEY_CHECKING="False",
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_RETRY_FILES_ENABLED="False",
-        ANSIBLE_CALLBACK_RESULT_FORMAT="yaml",
-        CONTAINERS_CONF=str(CONTAINERS_CONF),
-    )
+    env = ansible_env(work, ANSIBLE_HOST_KEY_CHECKING="False", ANSIBLE_CALLBACK_RESULT_FORMAT="yaml",
+                      CONTAINERS_CONF=str(CONTAINERS_CONF))
     results = work / f"results-{uuid.uuid4().hex[:6]}.json"
     variables = {"results_file": str(results), "given_dir": str(work / "given"), **extra}
     started = time.monotonic()
     done = subprocess.run(
-        [ansible_playbook(), "-i", str(work / "inventory.yml"), str(work / "playbook.yml"),
+        [tool("ansible-playbook"), "-i", str(work / "inventory.yml"), str(work / "playbook.yml"),
          "-e", json.dumps(variables)],
         cwd=work, env=env, capture_output=True, text=True, timeout=600, check=False,
     )

@@ -16,13 +16,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from support.ansible import ansible_env
+from support.requirements import need
 
 pytestmark = [pytest.mark.integration]
 
@@ -42,17 +43,9 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _require(ok, what):
-    if ok:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"test requirement missing (required under CI=true): {what}")
-    pytest.skip(f"missing: {what}")
-
-
 @pytest.fixture
 def nobody():
-    _require(os.geteuid() == 0, "root (to plant files as nobody)")
+    need(os.geteuid() == 0, "root (to plant files as nobody)")
     return pwd.getpwnam("nobody")
 
 
@@ -76,17 +69,8 @@ def play(base):
     variables = yaml.safe_load(CATALOG.read_text())
     hosts = {name: {"ansible_connection": "local", "ansible_python_interpreter": sys.executable} for name in HOSTS}
     inventory.write_text(json.dumps({"all": {"vars": variables, "hosts": hosts}}))
-    env = dict(os.environ)
-    env.update({
-        "TMPDIR": str(tmpdir),
-        "XDG_RUNTIME_DIR": str(runtime),
-        "ANSIBLE_COLLECTIONS_PATH": os.pathsep.join([str(ROOT / ".build" / "collections"),
-                                                     sysconfig.get_paths()["purelib"]]),
-        "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json",
-        "ANSIBLE_LOCAL_TEMP": str(base / "ansible-tmp"),
-        "ANSIBLE_NOCOLOR": "1",
-    })
-    env.pop("ANSIBLE_CONFIG", None)
+    env = ansible_env(base, TMPDIR=str(tmpdir), XDG_RUNTIME_DIR=str(runtime),
+                      ANSIBLE_STDOUT_CALLBACK="ansible.posix.json")
 
     def run():
         argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory),

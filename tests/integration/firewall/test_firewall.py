@@ -36,8 +36,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support.ansible import ansible_env
+from support.requirements import need
 
-from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall import transaction as firewall_host
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends import contract
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.persist import UNIT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -107,14 +110,6 @@ exec /usr/sbin/ipset "$@"
 IPSET_READS = {"list", "save", "test", "version", "help", "-n", "-v"}
 
 
-def _require(ok, what):
-    if ok:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"integration test requirement missing (required under CI=true): {what}")
-    pytest.skip(f"missing: {what}")
-
-
 # ------------------------------------------------------------------ the lab
 class Lab:
     """Podman, the network and the environment of every ansible-playbook run."""
@@ -122,23 +117,15 @@ class Lab:
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.bin = Path(sys.executable).parent
-        site = sysconfig.get_paths()["purelib"]  # where the ansible package put its collections
-        self.env = dict(os.environ)
-        self.env.update(
-            {
-                "CONTAINERS_CONF": str(ROOT / "scripts" / "lab" / "containers.conf"),
-                "ANSIBLE_COLLECTIONS_PATH": os.pathsep.join([str(ROOT / ".build" / "collections"), site]),
-                "ANSIBLE_PIPELINING": "1",
-                "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json",
-                "ANSIBLE_HOST_KEY_CHECKING": "0",
-                "ANSIBLE_RETRY_FILES_ENABLED": "0",
-                "ANSIBLE_NOCOLOR": "1",
-                "ANSIBLE_LOCAL_TEMP": str(workdir / "ansible-tmp"),
-                # a short path: ssh control sockets must fit in 108 bytes
-                "ANSIBLE_SSH_CONTROL_PATH_DIR": tempfile.mkdtemp(prefix="pgcp"),
-            }
+        self.env = ansible_env(
+            workdir,
+            CONTAINERS_CONF=str(ROOT / "scripts" / "lab" / "containers.conf"),
+            ANSIBLE_PIPELINING="1",
+            ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
+            ANSIBLE_HOST_KEY_CHECKING="0",
+            # a short path: ssh control sockets must fit in 108 bytes
+            ANSIBLE_SSH_CONTROL_PATH_DIR=tempfile.mkdtemp(prefix="pgcp"),
         )
-        self.env.pop("ANSIBLE_CONFIG", None)
         plugins = ROOT / "scripts" / "lab" / "connection_plugins"
         if (plugins / "podman_pipelined.py").exists():
             # containers.podman.podman cannot pipeline; this lab plugin adds `podman exec -i`
@@ -376,17 +363,17 @@ def kernel_writes(box):
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory):
-    _require(os.geteuid() == 0, "root (containers with NET_ADMIN)")
-    _require(shutil.which("podman"), "podman")
-    _require(shutil.which("nsenter"), "nsenter (util-linux)")
-    _require((Path(sys.executable).parent / "ansible-playbook").exists(), "ansible-playbook next to the interpreter")
+    need(os.geteuid() == 0, "root (containers with NET_ADMIN)")
+    need(shutil.which("podman"), "podman")
+    need(shutil.which("nsenter"), "nsenter (util-linux)")
+    need((Path(sys.executable).parent / "ansible-playbook").exists(), "ansible-playbook next to the interpreter")
     instance = Lab(tmp_path_factory.mktemp("lab"))
-    _require(
+    need(
         instance.podman("image", "exists", IMAGE, check=False).returncode == 0,
         f"image {IMAGE} (build it with scripts/lab-image.sh)",
     )
     site = Path(sysconfig.get_paths()["purelib"]) / "ansible_collections"
-    _require(
+    need(
         (site / "containers" / "podman").is_dir() and (site / "ansible" / "posix").is_dir(),
         "the containers.podman and ansible.posix collections (pip install ansible)",
     )
@@ -467,7 +454,7 @@ def test_check_mode_changes_nothing(lab, core):
         assert line in result["diff"]["after"]
     assert events == [], "check mode wrote to the kernel"
     assert core.sh("nft list ruleset") == before
-    assert not core.exists("/etc/portguard") and not core.exists(firewall_host.LOADER_PATH)
+    assert not core.exists("/etc/portguard") and not core.exists(contract.LOADER_PATH)
     assert core.state_files() == {"pending.json": False, "reverted.json": False}
 
 
@@ -487,7 +474,7 @@ def test_first_run_applies_confirms_and_persists(lab, core):
         assert "-A INPUT -j PORTGUARD-IN" in live
     assert core.state_files() == {"pending.json": False, "reverted.json": False}
     persisted = "ruleset.nft" if core.backend == "nftables" else "ruleset.ipv4"
-    assert core.exists(f"/etc/portguard/{persisted}") and core.exists(firewall_host.LOADER_PATH)
+    assert core.exists(f"/etc/portguard/{persisted}") and core.exists(contract.LOADER_PATH)
     assert "systemd is not running" in result["persistence"]["unit"]
     assert foreign_tables(core) == core.foreign_before
 
@@ -539,7 +526,7 @@ def test_drift_is_reported_in_check_mode_and_repaired(lab, core):
     assert core.ours(core.backend) == good
 
     # drift of the persisted boot files alone (the live rules are right): repaired too
-    persisted = f"{firewall_host.PERSIST_DIR}/{'ruleset.nft' if core.backend == 'nftables' else 'ruleset.ipv4'}"
+    persisted = f"{contract.PERSIST_DIR}/{'ruleset.nft' if core.backend == 'nftables' else 'ruleset.ipv4'}"
     saved = core.sh(f"cat {persisted}")
     core.sh(f"echo '# edited by hand' >> {persisted}")
     files = lab.playbook(core.inventory).ok(core.name)
@@ -559,7 +546,7 @@ def test_state_absent_removes_only_ours(lab, core):
     assert result["changed"] is True
     assert core.ours(core.backend) == ""
     assert not core.sh("ls -A /etc/portguard 2>/dev/null || true").strip()
-    assert not core.exists(firewall_host.LOADER_PATH)
+    assert not core.exists(contract.LOADER_PATH)
     assert foreign_tables(core) == core.foreign_before
     again = lab.playbook(core.inventory, extra=[{"pgit_state": "absent"}]).ok(core.name)
     assert again["changed"] is False
@@ -646,24 +633,24 @@ def test_boot_loader_loads_persisted_ruleset_or_falls_back(lab, core, tmp_path):
     No systemd runs in these containers, so ``portguard.service`` itself is not booted: its ExecStart
     command (the loader) runs in fresh containers holding only the files copied from a converged host.
     """
-    assert f"ExecStart={firewall_host.LOADER_PATH}" in firewall_host.UNIT
+    assert f"ExecStart={contract.LOADER_PATH}" in UNIT
     converge(lab, core)
     good = core.ours(core.backend)
-    lab.podman("cp", f"{core.name}:{firewall_host.PERSIST_DIR}", str(tmp_path / "persist"))
-    lab.podman("cp", f"{core.name}:{firewall_host.LOADER_PATH}", str(tmp_path / "loader"))
+    lab.podman("cp", f"{core.name}:{contract.PERSIST_DIR}", str(tmp_path / "persist"))
+    lab.podman("cp", f"{core.name}:{contract.LOADER_PATH}", str(tmp_path / "loader"))
     broken = "ruleset.nft" if core.backend == "nftables" else "ruleset.ipv6"  # IPv6: after IPv4 loaded fine
 
     def boot(corrupt):
         box = lab.container(f"pgit-boot-{core.backend}", foreign=False)
         try:
-            lab.podman("cp", str(tmp_path / "persist"), f"{box.name}:{firewall_host.PERSIST_DIR}")
-            lab.podman("cp", str(tmp_path / "loader"), f"{box.name}:{firewall_host.LOADER_PATH}")
+            lab.podman("cp", str(tmp_path / "persist"), f"{box.name}:{contract.PERSIST_DIR}")
+            lab.podman("cp", str(tmp_path / "loader"), f"{box.name}:{contract.LOADER_PATH}")
             if corrupt:
                 box.sh(
                     f"sed -i 's/^COMMIT$/-A PORTGUARD-IN --no-such-option\\nCOMMIT/; $a this is not a rule' "
-                    f"{firewall_host.PERSIST_DIR}/{broken}"
+                    f"{contract.PERSIST_DIR}/{broken}"
                 )
-            proc = box.sh(firewall_host.LOADER_PATH, check=False)
+            proc = box.sh(contract.LOADER_PATH, check=False)
             assert proc.returncode == 0, proc.stderr
             return box.ours(core.backend), proc.stderr
         finally:
@@ -704,7 +691,7 @@ def test_legacy_iptables_conflict_is_refused(lab, tmp_path):
             assert "conflict: 1 legacy iptables rule(s)" in result["msg"]
             assert "alongside nftables" in result["msg"]
             assert box.ours(backend) == ""
-            assert not box.exists(firewall_host.PERSIST_DIR)
+            assert not box.exists(contract.PERSIST_DIR)
             assert box.sh("iptables-legacy-save -t filter | grep '^-A'") == legacy
         box.sh("iptables-legacy -D INPUT -s 192.0.2.1 -j DROP")
         assert lab.playbook(inventory).ok(box.name)["changed"] is True  # the refusal was the conflict alone
@@ -715,7 +702,7 @@ def test_legacy_iptables_conflict_is_refused(lab, tmp_path):
 # ------------------------------------------------------------------ over ssh: lockout, killed controller, concurrency
 @pytest.fixture(scope="module")
 def ssh_key(tmp_path_factory):
-    _require(shutil.which("ssh") and shutil.which("ssh-keygen"), "the OpenSSH client")
+    need(shutil.which("ssh") and shutil.which("ssh-keygen"), "the OpenSSH client")
     key = tmp_path_factory.mktemp("ssh") / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     return key
@@ -827,7 +814,7 @@ def test_lockout_reverts_within_timeout_and_host_stays_reachable(lab, ssh_host, 
     assert converged["controller_addresses"] == [GATEWAY]
     good = box.ours(backend)
     box.converged = False
-    persisted = box.sh(f"cat {firewall_host.PERSIST_DIR}/ruleset.*")
+    persisted = box.sh(f"cat {contract.PERSIST_DIR}/ruleset.*")
     proc = lab.playbook(
         box.inventory,
         background=tmp_path / "run.json",
@@ -847,7 +834,7 @@ def test_lockout_reverts_within_timeout_and_host_stays_reachable(lab, ssh_host, 
     assert reverted["token"] == pending["token"] and reverted["errors"] == []
     assert 0 <= reverted["at"] - pending["deadline"] < 3, "the revert did not fire at the timeout"
     assert box.ours(backend) == good
-    assert box.sh(f"cat {firewall_host.PERSIST_DIR}/ruleset.*") == persisted, "an unconfirmed ruleset was persisted"
+    assert box.sh(f"cat {contract.PERSIST_DIR}/ruleset.*") == persisted, "an unconfirmed ruleset was persisted"
     assert foreign_tables(box) == box.foreign_before
     assert can_connect(box.ip)
     assert lab.playbook(box.inventory).ok(box.name)["changed"] is False  # reachable, and exactly as before
@@ -881,7 +868,7 @@ def test_killed_controller_mid_apply_reverts(lab, ssh_host, tmp_path):
     assert 0 <= reverted["at"] - pending["deadline"] < 3
     assert box.state_files()["pending.json"] is False
     assert box.ours(backend) == ""
-    assert not box.sh(f"ls -A {firewall_host.PERSIST_DIR} 2>/dev/null || true"), "an unconfirmed ruleset was persisted"
+    assert not box.sh(f"ls -A {contract.PERSIST_DIR} 2>/dev/null || true"), "an unconfirmed ruleset was persisted"
     assert foreign_tables(box) == box.foreign_before
     result = lab.playbook(box.inventory).ok(box.name)
     assert result["changed"] is True and result["state"] == "confirmed"

@@ -23,7 +23,7 @@ from test_firewall import (  # noqa: F401 pylint: disable=unused-import
     GATEWAY,
     ROLLBACK,
     can_connect,
-    firewall_host,
+    contract,
     foreign_tables,
     lab,
     podman_host,
@@ -54,7 +54,7 @@ def applied(run, host, task_name="Apply the firewall"):
 def untouched(box):
     """Nothing of ours on the host: no table or chains, no persisted file, no armed revert."""
     assert box.ours("nftables") == "" and box.ours("iptables") == ""
-    assert not box.exists(firewall_host.PERSIST_DIR) and not box.exists(firewall_host.LOADER_PATH)
+    assert not box.exists(contract.PERSIST_DIR) and not box.exists(contract.LOADER_PATH)
     assert box.state_files() == {"pending.json": False, "reverted.json": False}
     assert foreign_tables(box) == box.foreign_before
 
@@ -85,7 +85,7 @@ def test_string_false_from_extra_vars_does_not_persist(lab, fresh):  # noqa: F81
     assert result["changed"] is True and result["state"] == "confirmed"
     assert not result.get("persistence"), result.get("persistence")
     assert fresh.ours("nftables")
-    assert not fresh.exists(firewall_host.PERSIST_DIR) and not fresh.exists(firewall_host.LOADER_PATH)
+    assert not fresh.exists(contract.PERSIST_DIR) and not fresh.exists(contract.LOADER_PATH)
 
 
 BAD_ARGUMENTS = [
@@ -117,7 +117,7 @@ def test_bad_arguments_are_refused_and_change_nothing(lab, fresh):  # noqa: F811
 def test_absent_removes_with_a_broken_catalog(lab, fresh):  # noqa: F811
     """A catalog that no longer compiles must not keep the firewall on the host: state=absent removes it."""
     applied(lab.playbook(fresh.inventory, "trust_args.yml"), fresh.name)
-    assert fresh.ours("nftables") and fresh.exists(firewall_host.PERSIST_DIR)
+    assert fresh.ours("nftables") and fresh.exists(contract.PERSIST_DIR)
     broken = {"pgit_state": "absent", "portguard_flows": "not a list", "portguard_networks": {"x": ["300.1.1.1"]}}
     result = applied(lab.playbook(fresh.inventory, "trust_args.yml", extra=[broken]), fresh.name)
     assert result["changed"] is True
@@ -128,7 +128,7 @@ def test_absent_removes_with_a_broken_catalog(lab, fresh):  # noqa: F811
 def test_a_persistence_error_after_confirm_is_reported_as_such(lab, fresh):  # noqa: F811
     """The ruleset is live and confirmed but cannot be written for boot (here: the persist directory's
     path is taken by a file): the task fails saying exactly that, never "confirmation refused"."""
-    fresh.sh(f"printf 'an admin file\\n' > {firewall_host.PERSIST_DIR}")
+    fresh.sh(f"printf 'an admin file\\n' > {contract.PERSIST_DIR}")
     try:
         run = lab.playbook(fresh.inventory, "trust_args.yml")
         result = task_result(run, fresh.name, "Apply the firewall")
@@ -139,9 +139,9 @@ def test_a_persistence_error_after_confirm_is_reported_as_such(lab, fresh):  # n
         assert "confirmation refused" not in result["msg"], result["msg"]
         assert fresh.ours("nftables"), "the confirmed ruleset must stay live"
         assert fresh.state_files() == {"pending.json": False, "reverted.json": False}
-        assert fresh.sh(f"cat {firewall_host.PERSIST_DIR}") == "an admin file\n"
+        assert fresh.sh(f"cat {contract.PERSIST_DIR}") == "an admin file\n"
     finally:
-        fresh.sh(f"rm -f {firewall_host.PERSIST_DIR}")
+        fresh.sh(f"rm -f {contract.PERSIST_DIR}")
 
 
 # ------------------------------------------------------------------ item 3: the cache key covers host variables

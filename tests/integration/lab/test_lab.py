@@ -14,7 +14,6 @@ import fcntl
 import ipaddress
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
+from support.ansible import tool
+from support.requirements import need, require
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -29,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[3]
 LAB = ROOT / "scripts" / "lab.sh"
 IMAGE_SCRIPT = ROOT / "scripts" / "lab-image.sh"
 CONTAINERS_CONF = ROOT / "scripts" / "lab" / "containers.conf"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 PREFIX = "portguard-labtest-"
 NETWORK = "portguard-labtest"
@@ -51,22 +51,6 @@ all:
         beta:
           portguard_addresses: [{HOSTS["beta"][0]}, "{HOSTS["beta"][1]}"]
 """
-
-
-def require(ok: bool, what: str) -> None:
-    """Skip locally, fail in CI, naming what is missing."""
-    if ok:
-        return
-    message = f"lab smoke test needs {what}"
-    if IN_CI:
-        pytest.fail(message + " (CI=true: missing requirements fail)")
-    pytest.skip(message)
-
-
-def tool(name: str) -> str | None:
-    """A tool from the venv running pytest first (ansible-core pinned there), then PATH."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else shutil.which(name)
 
 
 def run(
@@ -111,13 +95,11 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    require(os.geteuid() == 0, "root")
-    for name in ("podman", "runc", "debootstrap", "ssh", "ssh-keygen"):
-        require(shutil.which(name) is not None, name)
+    require("podman", "runc", "debootstrap", "ssh", "ssh-keygen")
     for name in ("ansible", "ansible-inventory"):
-        require(tool(name) is not None, f"{name} (ansible-core; run scripts/setup.sh)")
+        need(tool(name) is not None, f"{name} (ansible-core; run scripts/setup.sh)")
     found = run([tool("ansible-doc"), "-t", "connection", "-l"], env=lab_env(), check=False).stdout
-    require(
+    need(
         "containers.podman.podman" in found,
         "the containers.podman collection (pip install ansible, see requirements-dev.txt)",
     )

@@ -6,13 +6,13 @@ neither root nor containers; they are integration tests because they run Ansible
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from support.ansible import ansible_env, tool
 
 pytestmark = [pytest.mark.integration]
 
@@ -20,15 +20,9 @@ ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = ROOT / "examples" / "inventory"
 
 
-def tool(name):
-    found = Path(sys.executable).parent / name
-    return str(found) if found.exists() else shutil.which(name)
-
-
 def env():
-    # conftest.py links the repository under .build/collections as portguard.hardening
-    return dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(ROOT / ".build" / "collections"), ANSIBLE_NOCOLOR="1",
-                ANSIBLE_RETRY_FILES_ENABLED="0", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    # the lint script runs ansible-inventory: the one next to the interpreter first
+    return ansible_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 
 
 def lint_play(inventory, report_dir, *extra):

@@ -21,8 +21,6 @@ Needs root, podman, the lab image, ansible-playbook and containers.podman/ansibl
 one is missing, fails under CI=true.
 """
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -33,6 +31,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from support.ansible import ansible_env
+from support.kernel_log import NF_LOG_ALL_NETNS, namespaces_log
+from support.requirements import need
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -42,8 +43,6 @@ NETWORK = "pgr-net"
 SUBNET = "172.30.110.0/24"
 PREFIX = "pgr-"
 ADDRESSES = {"app1": "172.30.110.11", "db1": "172.30.110.12", "web1": "172.30.110.13"}
-NF_LOG_ALL_NETNS = Path("/proc/sys/net/netfilter/nf_log_all_netns")
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 CATALOG = {
     "portguard_networks": {"admin": ["192.0.2.0/24"]},
@@ -97,31 +96,17 @@ print(json.dumps(tally))
 """
 
 
-def need(condition, what):
-    if condition:
-        return
-    if IN_CI:
-        pytest.fail(f"CI=true and missing: {what}")
-    pytest.skip(f"missing: {what}")
-
-
 class Lab:
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.reports = workdir / "reports"
-        site = sysconfig.get_paths()["purelib"]
-        self.env = dict(os.environ)
-        self.env.update({
-            "CONTAINERS_CONF": str(ROOT / "scripts" / "lab" / "containers.conf"),
-            "ANSIBLE_COLLECTIONS_PATH": os.pathsep.join([str(ROOT / ".build" / "collections"), site]),
-            "ANSIBLE_CONNECTION_PLUGINS": str(ROOT / "scripts" / "lab" / "connection_plugins"),
-            "ANSIBLE_PIPELINING": "1",
-            "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json",
-            "ANSIBLE_RETRY_FILES_ENABLED": "0",
-            "ANSIBLE_NOCOLOR": "1",
-            "ANSIBLE_LOCAL_TEMP": str(workdir / "ansible-tmp"),
-        })
-        self.env.pop("ANSIBLE_CONFIG", None)
+        self.env = ansible_env(
+            workdir,
+            CONTAINERS_CONF=str(ROOT / "scripts" / "lab" / "containers.conf"),
+            ANSIBLE_CONNECTION_PLUGINS=str(ROOT / "scripts" / "lab" / "connection_plugins"),
+            ANSIBLE_PIPELINING="1",
+            ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
+        )
         self.inventory = workdir / "hosts.yml"
         self.created_network = False
 
@@ -187,23 +172,6 @@ def shlex_quote(text):
     import shlex
 
     return shlex.quote(text)
-
-
-@contextlib.contextmanager
-def namespaces_log():
-    """The machine logs the log rules of every network namespace while the block runs; restored after.
-
-    The sysctl belongs to the machine: the tests that set it serialize on one lock file, so that one's
-    restore never cuts another's log.
-    """
-    with open(os.path.join(tempfile.gettempdir(), "portguard-nf-log-all-netns.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        before = NF_LOG_ALL_NETNS.read_text().strip()
-        NF_LOG_ALL_NETNS.write_text("1\n")
-        try:
-            yield
-        finally:
-            NF_LOG_ALL_NETNS.write_text(before + "\n")
 
 
 @pytest.fixture(scope="module")

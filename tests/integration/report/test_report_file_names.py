@@ -9,25 +9,19 @@ reach a file name; their encoding is tested in tests/unit/plugins/module_utils/t
 """
 
 import json
-import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from support.ansible import ansible_env
+from support.catalogs import ssh_only_catalog
 
 pytestmark = [pytest.mark.integration]
 
-ROOT = Path(__file__).resolve().parents[3]
 HOSTS = ["fd00::1", "fd00__1", "report", "h" + "0123456789" * 25 + "23"]
-CATALOG = {
-    "portguard_networks": {"admin": ["10.99.0.0/24"]},
-    "portguard_services": {"ssh": {"port": 22, "proto": "tcp", "purpose": "Remote administration",
-                                   "owner": "platform"}},
-    "portguard_flows": [{"name": "admin-ssh", "from": "admin", "to": "all", "services": ["ssh"]}],
-    "portguard_management": {"from": ["admin"], "services": ["ssh"]},
-}
+CATALOG = ssh_only_catalog(to="all")
 PLAYBOOK = """
 - name: Audit and report hosts whose names once shared files
   hosts: all
@@ -61,11 +55,7 @@ def reports(tmp_path_factory):
                     "portguard_addresses": [f"192.0.2.{index + 1}"]} for index, host in enumerate(HOSTS)}
     inventory = {"all": {"hosts": hosts, "vars": dict(CATALOG, report_dir=str(work / "reports"))}}
     (work / "hosts.json").write_text(json.dumps(inventory))
-    env = {**os.environ,
-           "ANSIBLE_COLLECTIONS_PATH": os.pathsep.join([str(ROOT / ".build" / "collections"), *sys.path]),
-           "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "0", "ANSIBLE_RETRY_FILES_ENABLED": "0",
-           "ANSIBLE_LOCAL_TEMP": str(work / "ansible-tmp")}
-    env.pop("ANSIBLE_CONFIG", None)
+    env = ansible_env(work)
     proc = subprocess.run([str(playbook_command), "-i", str(work / "hosts.json"), str(work / "play.yml")],
                           capture_output=True, text=True, env=env, timeout=600, check=False, cwd=work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

@@ -2,7 +2,7 @@
 
 Contract (see docs/rendering.md):
 
-- one ``inet`` table, ``portguard``, replaced in one transaction (declare,
+- one ``inet`` table (contract.NFT_TABLE_REF), replaced in one transaction (declare,
   delete, define: the kernel swaps it atomically); no other table is named;
 - stateful: loopback, neighbour discovery, established/related first, invalid
   dropped, then the ICMP that IPv4/IPv6 need;
@@ -17,35 +17,47 @@ Contract (see docs/rendering.md):
   never a port-only rule.
 
 Rules are written in the form ``nft list`` prints them, so that a live table
-can be compared with the rendered one line by line (drift detection).
+can be compared with the rendered one line by line (drift detection):
+normalize_nft, next to check_nft_payload (what the host loads as root) and
+parse_nft_json (the counters), all pure.
 """
 
-from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import HostPolicy, interval_text
-from ansible_collections.portguard.hardening.plugins.module_utils.core.validate import (
-    MAX_TEXT_BYTES,
-    rule_text,
-    truncate_utf8,
-)
+import json
+import re
 
-TABLE = "portguard"
-FAMILY_KEYWORDS = {4: ("ip", "ipv4_addr"), 6: ("ip6", "ipv6_addr")}
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.contract import (
+    DENIED_COUNTERS,
+    DIRECTIONS,
+    FAMILIES,
+    NFT_ADDRESS_TYPES,
+    NFT_CHAIN_DIRECTIONS,
+    NFT_CHAINS,
+    NFT_COMMENT_BYTES,
+    NFT_SET_KEYS,
+    NFT_TABLE_REF,
+    PROTOCOLS,
+    PayloadRefused,
+    default_verdict,
+    denied_counter,
+    nft_set_name,
+)
+from ansible_collections.portguard.hardening.plugins.module_utils.core.intervals import interval_text
+from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import HostPolicy
+from ansible_collections.portguard.hardening.plugins.module_utils.core.validate import rule_text, truncate_utf8
+
 ICMP4 = ("destination-unreachable", "time-exceeded", "parameter-problem")
 ICMP6 = ("destination-unreachable", "packet-too-big", "time-exceeded", "parameter-problem")
 ND6 = ("nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert")
 MLD6 = ("mld-listener-query", "mld-listener-report", "mld-listener-done", "mld2-listener-report")
-COMMENT_BYTES = MAX_TEXT_BYTES  # nft refuses a longer comment ("comment too long, 128 characters maximum")
-
-
-def set_name(direction: str, family: int, proto: str) -> str:
-    return f"{direction}{family}_{proto}"
+VERDICTS = {"accept": "accept", "drop": "drop", "reject": "reject with icmpx admin-prohibited"}
 
 
 def element_comment(entry) -> str:
-    return rule_text(truncate_utf8("; ".join(label.text() for label in entry.labels), COMMENT_BYTES), "a comment")
+    return rule_text(truncate_utf8("; ".join(label.text() for label in entry.labels), NFT_COMMENT_BYTES), "a comment")
 
 
 def _set_lines(name: str, family: int, entries) -> list[str]:
-    lines = [f"\tset {name} {{", f"\t\ttype {FAMILY_KEYWORDS[family][1]} . inet_service", "\t\tflags interval", "\t\tcounter"]
+    lines = [f"\tset {name} {{", f"\t\ttype {NFT_ADDRESS_TYPES[family][1]} . inet_service", "\t\tflags interval", "\t\tcounter"]
     if entries:
         lines.append("\t\telements = { " + ",\n\t\t\t     ".join(_elements(entries)) + " }")
     lines.append("\t}")
@@ -73,7 +85,7 @@ def _elements(entries) -> list[str]:
 
 # Hosts with the same flows share one ``ingress`` tuple (see catalog.build), so their sets are the
 # same text: rendered once per tuple. Keyed by identity, the tuple itself kept in the value so that
-# its id cannot be reused while cached; bounded like catalog._COMPILED.
+# its id cannot be reused while cached; bounded in size.
 _SETS_CACHE: dict[tuple[str, int], tuple[tuple, list[str]]] = {}
 _SETS_CACHE_MAX = 256
 
@@ -84,14 +96,14 @@ def _direction_sets(direction: str, pool) -> list[str]:
     cached = _SETS_CACHE.get(key)
     if cached is not None and cached[0] is pool:
         return cached[1]
-    buckets: dict[tuple[int, str], list] = {(4, "tcp"): [], (4, "udp"): [], (6, "tcp"): [], (6, "udp"): []}
+    buckets: dict[tuple[int, str], list] = {(family, proto): [] for family in FAMILIES for proto in PROTOCOLS}
     for entry in pool:
         bucket = buckets.get((entry.family, entry.proto))
         if bucket is not None:
             bucket.append(entry)
     lines = []
     for (family, proto), entries in buckets.items():
-        lines += _set_lines(set_name(direction, family, proto), family, entries)
+        lines += _set_lines(nft_set_name(direction, family, proto), family, entries)
         lines.append("")
     if isinstance(pool, tuple):  # immutable: safe to reuse the text while the tuple is alive
         if len(_SETS_CACHE) >= _SETS_CACHE_MAX:
@@ -118,38 +130,32 @@ def chain_rules(policy: HostPolicy, direction: str) -> list[str]:
     rules.append(f"icmp type {{ {', '.join(ICMP4[:1] + ping4 + ICMP4[1:])} }} accept" if ping4
                  else f"icmp type {{ {', '.join(ICMP4)} }} accept")
     rules.append(f"icmpv6 type {{ {', '.join(ICMP6 + ping6)} }} accept")
-    for family in (4, 6):
-        keyword = FAMILY_KEYWORDS[family][0]
-        for proto in ("tcp", "udp"):
-            rules.append(f"{keyword} {addr} . {proto} dport @{set_name(direction, family, proto)} accept")
+    for family in FAMILIES:
+        keyword = NFT_ADDRESS_TYPES[family][0]
+        for proto in PROTOCOLS:
+            rules.append(f"{keyword} {addr} . {proto} dport @{nft_set_name(direction, family, proto)} accept")
     burst = f" burst {settings.log_burst} packets" if settings.log_burst != 5 else ""
     prefix = rule_text(settings.log_prefix, "the log prefix")
     rules.append(f'limit rate {settings.log_rate}/minute{burst} counter log prefix "{prefix}" level info')
-    counter = f'counter name "denied_{direction}"'
-    if settings.mode == "audit":
-        rules.append(f"{counter} accept")
-    elif settings.deny == "drop":
-        rules.append(f"{counter} drop")
-    else:
-        rules.append(f"{counter} reject with icmpx admin-prohibited")
+    rules.append(f'counter name "{denied_counter(direction)}" {VERDICTS[default_verdict(settings)]}')
     return rules
 
 
 def render_nftables(policy: HostPolicy) -> str:
-    """The ``nft -f`` input that atomically replaces the ``inet portguard`` table."""
-    directions = ["in", "out"] if policy.settings.egress else ["in"]
+    """The ``nft -f`` input that atomically replaces our table."""
+    directions = list(DIRECTIONS) if policy.settings.egress else ["in"]
     lines = [
         f"# portguard.hardening ruleset for {rule_text(policy.host, 'the host name')}; generated, do not edit",
-        f"table inet {TABLE}",
-        f"delete table inet {TABLE}",
-        f"table inet {TABLE} {{",
+        f"table {NFT_TABLE_REF}",
+        f"delete table {NFT_TABLE_REF}",
+        f"table {NFT_TABLE_REF} {{",
     ]
     for direction in directions:
-        lines += [f"\tcounter denied_{direction} {{", "\t}", ""]
+        lines += [f"\tcounter {denied_counter(direction)} {{", "\t}", ""]
     for direction in directions:
         lines += _direction_sets(direction, policy.ingress if direction == "in" else policy.egress)
     for direction in directions:
-        chain, hook = ("input", "input") if direction == "in" else ("output", "output")
+        chain = hook = NFT_CHAINS[direction]
         lines.append(f"\tchain {chain} {{")
         lines.append(f"\t\ttype filter hook {hook} priority filter; policy accept;")
         lines += [f"\t\t{rule}" for rule in chain_rules(policy, direction)]
@@ -159,3 +165,131 @@ def render_nftables(policy: HostPolicy) -> str:
         lines.pop()
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+# Reading back -------------------------------------------------------------------------------
+
+_COUNTER_RE = re.compile(r"\s*counter packets \d+ bytes \d+")
+_ELEMENTS_RE = re.compile(r"elements = \{(.*?)\}", re.S)
+_TOP_RE = re.compile(rf"\s*((delete )?table {NFT_TABLE_REF}|table {NFT_TABLE_REF} \{{\}}?|\}})?\s*")
+
+
+def normalize_nft(text) -> list[str]:
+    """A table listing (or a rendered ruleset) as comparable lines: no counter values, elements sorted."""
+    if not text:
+        return []
+    body = text
+    start = body.find(f"table {NFT_TABLE_REF} {{")
+    if start >= 0:
+        body = body[start:]
+
+    def elements(match):
+        items = [item.strip() for item in re.split(r",\s*\n", match.group(1)) if item.strip()]
+        return "\n" + "\n".join(f"element {item}" for item in sorted(items)) + "\n"
+
+    body = _COUNTER_RE.sub(" counter", body)
+    body = _ELEMENTS_RE.sub(elements, body)
+    lines = []
+    for line in body.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or re.fullmatch(r"packets \d+ bytes \d+", line):
+            continue
+        lines.append(line)
+    return lines
+
+
+def check_nft_payload(payload: str, where: str) -> None:
+    """Refuse nftables text that does anything outside our table.
+
+    At the top level only the declaration of our table (NFT_TABLE_REF), its deletion and its block;
+    no ``include``. Scanned the way nft's lexer reads it (a quoted string runs to the next quote,
+    across lines too; ``#`` starts a comment outside strings), so that a brace, quote or ``#`` in a
+    string or comment cannot shift what counts as the top level.
+    """
+    depth, state = 0, "code"
+    tops, codes = [""], [""]  # per line: the text at the top level, and the code outside strings and comments
+    for char in payload:
+        if char == "\n":
+            state = "string" if state == "string" else "code"
+            tops.append("")
+            codes.append("")
+            continue
+        if state == "comment":
+            continue
+        if state == "string":
+            state = "code" if char == '"' else "string"
+            continue
+        if char == "#":
+            state = "comment"
+            continue
+        if char == '"':
+            state = "string"
+            char = " "
+        codes[-1] += char
+        if char == "}":
+            depth -= 1
+        if depth == 0:
+            tops[-1] += char
+        if char == "{":
+            depth += 1
+        if depth < 0:
+            raise PayloadRefused(f"refused {where} line {len(tops)} (unbalanced braces)")
+    lines = payload.splitlines()
+    for number, (top, code) in enumerate(zip(tops, codes), 1):
+        problem = None
+        if re.search(r"\binclude\b", code):
+            problem = "include is not allowed"
+        elif not _TOP_RE.fullmatch(top):
+            problem = f"only table {NFT_TABLE_REF} may be written"
+        if problem:
+            raise PayloadRefused(f"refused {where} line {number} ({problem}): {lines[number - 1][:120]!r}")
+    if depth or state == "string":
+        raise PayloadRefused(f"refused {where}: unbalanced braces or quotes")
+
+
+def check_nft_ruleset(value, where: str) -> None:
+    """A ruleset (or fallback) as render_nftables makes it: text that touches only our table."""
+    if not isinstance(value, str):
+        raise PayloadRefused(f"{where} must be the rendered nftables text (a string), not {type(value).__name__}")
+    check_nft_payload(value, where)
+
+
+def _value_text(value) -> str:
+    if isinstance(value, dict):
+        if "prefix" in value:
+            return f"{value['prefix']['addr']}/{value['prefix']['len']}"
+        if "range" in value:
+            low, high = value["range"]
+            return f"{_value_text(low)}-{_value_text(high)}"
+    return str(value)
+
+
+def parse_nft_json(text: str) -> dict:
+    """Counters from ``nft -j list table`` of our table."""
+    result = {"backend": "nftables", "denied_in": None, "denied_out": None, "logged_in": None, "logged_out": None,
+              "elements": []}
+    for item in json.loads(text).get("nftables", []):
+        if "counter" in item and item["counter"].get("name", "") in DENIED_COUNTERS:
+            result[item["counter"]["name"]] = item["counter"]["packets"]
+        if "rule" in item:
+            # The log rule's own counter sits after the limit: it counts the lines the kernel was asked to write.
+            exprs = item["rule"].get("expr", [])
+            direction = NFT_CHAIN_DIRECTIONS.get(item["rule"].get("chain"))
+            if direction and any("log" in expr for expr in exprs):
+                for expr in exprs:
+                    if isinstance(expr.get("counter"), dict):
+                        result[f"logged_{direction}"] = (result[f"logged_{direction}"] or 0) + expr["counter"]["packets"]
+        if "set" in item and item["set"].get("name") in NFT_SET_KEYS:
+            for element in item["set"].get("elem", []):
+                body = element.get("elem", element)
+                concat = body.get("val", {}).get("concat", [None, None])
+                counter = body.get("counter", {})
+                result["elements"].append({
+                    "set": item["set"]["name"],
+                    "addresses": _value_text(concat[0]),
+                    "ports": _value_text(concat[1]),
+                    "comment": body.get("comment", ""),
+                    "packets": counter.get("packets", 0),
+                    "bytes": counter.get("bytes", 0),
+                })
+    return result

@@ -63,7 +63,7 @@ def probe_ports_of(policy, services, random_port: int):
 
 def build_plan(policy, groups: dict, hosts, *, random_port: int = 47123):
     """Probes with expectations: ``src``, ``src_address``, ``dst``, ``address``, ``port``, ``proto``, ``expected``."""
-    services = policy._builder.services
+    services = policy.services
     ports = probe_ports_of(policy, services, random_port)
     probers = choose_probers(groups, hosts)
     plan = []
@@ -248,7 +248,7 @@ def to_junit(cells, problems, counters) -> str:
         by_dst.setdefault(cell["dst"], []).append(cell)
     for dst, items in sorted(by_dst.items()):
         failures = [c for c in items if not c["ok"]]
-        counter = counters.get(dst)
+        counter = counters.get(f"{dst}/in")  # the ingress deny counter of this destination
         counter_failed = bool(counter and (counter["counter_delta"] is None
                                            or counter["counter_delta"] < counter["denied_probes"]))
         suite = ElementTree.SubElement(suites, "testsuite", name=printable(f"reachability.{dst}"),
@@ -293,7 +293,7 @@ def to_html(cells, problems, counters, title="portguard reachability") -> str:
     for dst, items in sorted(by_dst.items()):
         sources = sorted({(c["segment"], c["src"]) for c in items})
         rows = sorted({(c["proto"], c["port"], c["service"]) for c in items}, key=lambda r: (r[0], r[1]))
-        counter = counters.get(dst)
+        counter = counters.get(f"{dst}/in")  # the ingress deny counter of this destination
         note = f" — deny counter +{counter['counter_delta']} for {counter['denied_probes']} denied probes" \
             if counter else ""
         parts.append(f"<h2>{_html(dst)}{_html(note)}</h2><table><tr><th class='svc'>service</th>")

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import (
-    catalog_vars,
-    compile_catalog,
-)
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.schema import catalog_vars
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 GOLDEN_TODAY = datetime.date(2026, 11, 26)

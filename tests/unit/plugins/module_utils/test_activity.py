@@ -1,8 +1,12 @@
 """The host-side readers of port_activity: log lines, kmsg records, counters, cursors."""
 
 import json
+import subprocess
 from pathlib import Path
 
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.ipset import parse_ipset_save
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import parse_iptables_save
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import parse_nft_json
 from ansible_collections.portguard.hardening.plugins.module_utils.host import activity
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kmsg"
@@ -122,9 +126,9 @@ def test_read_journal_keeps_kernel_facility_records_only(monkeypatch):
 
     def fake_run(argv, **kwargs):
         seen["argv"] = argv
-        return activity.subprocess.CompletedProcess(argv, 0, "\n".join(lines) + "\n", "")
+        return subprocess.CompletedProcess(argv, 0, "\n".join(lines) + "\n", "")
 
-    monkeypatch.setattr(activity.subprocess, "run", fake_run)
+    monkeypatch.setattr(activity, "run", fake_run)
     result = activity.read_journal(PREFIX, ["172.30.111.2"])
     assert [(g["src"], g["port"]) for g in result["groups"]] == [("172.30.111.1", 6379)]
     assert result["cursor"] == {"source": "journal", "cursor": "c3"}
@@ -146,11 +150,11 @@ def test_nft_log_counter_and_iptables_log_counter():
                                              {"log": {"prefix": PREFIX, "level": "info"}}]}},
         {"rule": {"chain": "input", "expr": [{"counter": "denied_in"}, {"reject": {"type": "icmpx"}}]}},
     ]}
-    parsed = activity.parse_nft_json(json.dumps(listing))
+    parsed = parse_nft_json(json.dumps(listing))
     assert parsed["denied_in"] == 12 and parsed["logged_in"] == 7 and parsed["logged_out"] is None
     saved = ("[3:180] -A PORTGUARD-IN -m limit --limit 10/min -j LOG --log-prefix \"portguard-deny: \" --log-level 6\n"
              "[9:540] -A PORTGUARD-IN -m comment --comment denied_in -j REJECT --reject-with icmp-admin-prohibited\n")
-    parsed = activity.parse_iptables_save({"ipv4": saved, "ipv6": saved.replace("[3:180]", "[1:80]")})
+    parsed = parse_iptables_save({"ipv4": saved, "ipv6": saved.replace("[3:180]", "[1:80]")})
     assert parsed["logged_in"] == 4 and parsed["denied_in"] == 18
 
 
@@ -190,7 +194,7 @@ def test_ipset_elements_are_counted_like_iptables_rules():
              'add portguard-in4 10.0.0.0/24,tcp:22 packets 3 bytes 180 comment "management/ssh: Remote administration"\n'
              'add portguard-out6 2001:db8::1,udp:53 packets 0 bytes 0\n'
              'add f2b-sshd 198.51.100.7,tcp:22 packets 9 bytes 9\n')
-    assert activity.parse_ipset_save(saved) == [
+    assert parse_ipset_save(saved) == [
         {"set": "PORTGUARD-IN/ipv4", "addresses": "10.0.0.0/24", "ports": "tcp:22",
          "comment": "management/ssh: Remote administration", "packets": 3, "bytes": 180},
         {"set": "PORTGUARD-OUT/ipv6", "addresses": "2001:db8::1", "ports": "udp:53", "comment": "", "packets": 0,

@@ -1,6 +1,7 @@
 """Catalog compilation: validation errors (data-driven), expiry, merging, host addresses."""
 
 import copy
+import dataclasses
 import datetime
 import inspect
 from pathlib import Path
@@ -9,12 +10,15 @@ import pytest
 import yaml
 
 from ansible_collections.portguard.hardening.plugins.module_utils.core import errors
-from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import (
-    catalog_vars,
-    compile_cached,
-    compile_catalog,
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.inventory import (
+    HOST_KEYS,
+    HOST_VARIABLES,
+    HostSettings,
     host_addresses,
+    select_hostvars,
 )
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.schema import catalog_vars
 
 CASES_FILE = Path(__file__).parent / "validation_cases.yml"
 CASES = yaml.safe_load(CASES_FILE.read_text())
@@ -291,8 +295,45 @@ def test_catalog_vars_keeps_only_the_catalog():
     assert catalog_vars(variables) == {"portguard_flows": [], "portguard_deny_all": True}
 
 
-def test_compile_cached_compiles_once_per_input():
-    catalog = expiring_catalog("2099-01-01")
-    first = compile_cached(catalog, GROUPS, HOSTVARS, today=TODAY)
-    assert compile_cached(copy.deepcopy(catalog), copy.deepcopy(GROUPS), copy.deepcopy(HOSTVARS), today=TODAY) is first
-    assert compile_cached(catalog, GROUPS, HOSTVARS, today=TODAY + datetime.timedelta(days=1)) is not first
+REPO = Path(__file__).resolve().parents[4]
+PER_HOST_TYPES = {"str": "str", "bool": "bool", "int": "int", "list": "list"}
+
+
+def test_segmentation_argument_specs_list_exactly_the_per_host_variables():
+    """The role documents every per-host variable of HOST_VARIABLES, with the same type, default and choices."""
+    specs = yaml.safe_load((REPO / "roles/segmentation/meta/argument_specs.yml").read_text())
+    options = specs["argument_specs"]["main"]["options"]
+    per_host = {name: spec for name, spec in options.items() if spec["description"].startswith("Per host.")}
+    assert sorted(per_host) == sorted(variable.name for variable in HOST_VARIABLES)
+    for variable in HOST_VARIABLES:
+        spec = per_host[variable.name]
+        assert spec["type"] == PER_HOST_TYPES[variable.kind], variable.name
+        assert list(spec.get("choices", ())) == list(variable.choices), variable.name
+        if variable.kind == "list":
+            assert "default" not in spec and spec["elements"] == "str", variable.name
+        else:
+            assert spec["default"] == variable.default, variable.name
+
+
+def test_other_roles_declare_no_per_host_variable():
+    names = {variable.name for variable in HOST_VARIABLES}
+    for path in sorted(REPO.glob("roles/*/meta/argument_specs.yml")):
+        if path.parts[-3] == "segmentation":
+            continue
+        options = yaml.safe_load(path.read_text())["argument_specs"]["main"].get("options") or {}
+        assert not names & set(options), path
+
+
+def test_docs_list_the_per_host_variables():
+    text = (REPO / "docs/catalog.md").read_text()
+    for variable in HOST_VARIABLES:
+        assert variable.doc_row() in text, variable.name
+
+
+def test_host_settings_and_host_keys_derive_from_the_table():
+    fields = [field.name for field in dataclasses.fields(HostSettings)]
+    assert fields == [variable.field for variable in HOST_VARIABLES]
+    assert HostSettings() == HostSettings(**{variable.field: variable.default for variable in HOST_VARIABLES})
+    assert set(HOST_KEYS) >= {variable.name for variable in HOST_VARIABLES}
+    hostvars = {"web1": {"portguard_mode": "audit", "unrelated": 1, "ansible_host": "10.0.0.1"}}
+    assert select_hostvars(hostvars, ["web1"]) == {"web1": {"portguard_mode": "audit", "ansible_host": "10.0.0.1"}}

@@ -1,4 +1,4 @@
-"""firewall_host's iptables backend without a kernel: set normalization, payload checks, step order, loader."""
+"""The host's iptables backend without a kernel: set normalization, payload checks, step order, loader."""
 
 import datetime
 import re
@@ -6,14 +6,17 @@ import subprocess
 
 import pytest
 
-from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables
-from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
-from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall import transaction as firewall_host
-from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.transaction import (
-    HostError,
-    IptablesBackend,
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.contract import SETS, PayloadRefused
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.ipset import (
     check_ipset_payload,
     normalize_ipset,
+)
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall import backends as firewall_backends
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.backends import (
+    IptablesBackend,
+    live_lines,
 )
 
 SERVICES = {"ssh": {"port": 22}, "https": {"port": 443}, "workers": {"port": "8000-8002"}}
@@ -82,7 +85,7 @@ def test_rendered_payloads_pass_the_host_check(example_policy, example_hosts):
     "add portguard-in4-new 10.0.0.0/8,tcp:22 comment \"a\" comment \"b\"",
 ])
 def test_host_refuses_foreign_sets_and_other_commands(ruleset, line):
-    with pytest.raises(HostError, match="refused ipset payload line"):
+    with pytest.raises(PayloadRefused, match="refused ipset payload line"):
         check_ipset_payload(ruleset["ipset"] + line + "\n", [tuple(s) for s in ruleset["sets"]])
 
 
@@ -102,12 +105,12 @@ def test_host_refuses_foreign_sets_and_other_commands(ruleset, line):
 def test_host_refuses_what_the_kernel_would(ruleset, old, new, problem):
     payload = ruleset["ipset"].replace(old, new, 1)
     assert payload != ruleset["ipset"]
-    with pytest.raises(HostError, match=re.escape(problem)):
+    with pytest.raises(PayloadRefused, match=re.escape(problem)):
         check_ipset_payload(payload, [tuple(s) for s in ruleset["sets"]])
 
 
 def test_host_refuses_a_payload_that_leaves_a_listed_set_out(ruleset):
-    with pytest.raises(HostError, match="exactly the listed sets"):
+    with pytest.raises(PayloadRefused, match="exactly the listed sets"):
         check_ipset_payload(ruleset["ipset"], [*map(tuple, ruleset["sets"]), ("portguard-out4", "inet")])
 
 
@@ -119,8 +122,8 @@ def test_validation_writes_nothing_and_tests_set_rules_once_the_sets_exist(rules
         stdout = "portguard-in4\n" if argv[:2] == ["ipset", "list"] else ""
         return subprocess.CompletedProcess(argv, 0, stdout, "")
 
-    monkeypatch.setattr(firewall_host, "run", fake_run)
-    monkeypatch.setattr(firewall_host.shutil, "which", lambda tool: f"/usr/sbin/{tool}")
+    monkeypatch.setattr(firewall_backends, "run", fake_run)
+    monkeypatch.setattr(firewall_backends.shutil, "which", lambda tool: f"/usr/sbin/{tool}")
     IptablesBackend().validate(ruleset)
     assert {argv[0] for argv, _data in calls} == {"ipset", "iptables-restore", "ip6tables-restore"}
     assert all(argv[:2] == ["ipset", "list"] or argv[1:] == ["--test", "--noflush"] for argv, _data in calls)
@@ -134,7 +137,7 @@ def test_validation_writes_nothing_and_tests_set_rules_once_the_sets_exist(rules
 
 @pytest.mark.parametrize("sets", [[("docker", "inet")], [("portguard-in4", "inet6")], [("portguard-in4; reboot", "inet")]])
 def test_host_refuses_other_set_names_and_families(sets):
-    with pytest.raises(HostError, match="not one of portguard's own sets"):
+    with pytest.raises(PayloadRefused, match="not one of portguard's own sets"):
         check_ipset_payload("", sets)
 
 
@@ -161,7 +164,7 @@ def test_fallback_variant_destroys_every_set_of_an_earlier_run():
     steps = IptablesBackend().apply_steps(plain)
     assert commands(steps)[0] == "iptables-restore --noflush"
     assert "ipset" not in " ".join(commands(steps)[:-1])
-    for name in firewall_host.SETS:
+    for name in SETS:
         assert f" {name} " in steps[-1][0][2]
 
 
@@ -198,6 +201,6 @@ def test_persisted_files_always_carry_the_set_files(ruleset):
 
 
 def test_absent_diff_lists_sets_too():
-    lines = firewall_host._lines({"ipv4": "-A INPUT -j PORTGUARD-IN\n", "ipv6": "", "ipset": SAVED})
+    lines = live_lines({"ipv4": "-A INPUT -j PORTGUARD-IN\n", "ipv6": "", "ipset": SAVED})
     assert "ipv4 -A INPUT -j PORTGUARD-IN" in lines
     assert 'ipset add portguard-in6 2001:db8:99::/64,tcp:22 comment "management/ssh"' in lines

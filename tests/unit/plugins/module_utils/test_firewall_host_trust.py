@@ -11,10 +11,21 @@ import sys
 import time
 
 import pytest
+from support.fakes import FakeModule
 
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.contract import PayloadRefused
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import (
+    check_iptables_payload,
+    check_jumps,
+)
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import check_nft_payload
 from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import PortguardError
 from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall import transaction as firewall_host
-from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.transaction import Host, HostError
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.backends import check_ruleset
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.persist import unit_text
+from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.transaction import Host
+from ansible_collections.portguard.hardening.plugins.module_utils.host.processes import start_time
+from ansible_collections.portguard.hardening.plugins.module_utils.host.run import HostError
 from ansible_collections.portguard.hardening.plugins.modules import firewall as firewall_module
 
 
@@ -97,7 +108,7 @@ def test_a_record_long_past_its_deadline_is_stale_even_with_its_revert_process_a
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "t1"])
     try:
         time.sleep(0.1)
-        write_pending(host, pid=proc.pid, start=firewall_host._start_time(proc.pid),
+        write_pending(host, pid=proc.pid, start=start_time(proc.pid),
                       deadline=time.time() - firewall_host.STALE_GRACE - 1)
         result = host.apply(StandInBackend(tmp_path), "b", check_mode=False, arm=False, timeout=1)
         assert result["stale_change"].endswith("reverted")
@@ -108,16 +119,17 @@ def test_a_record_long_past_its_deadline_is_stale_even_with_its_revert_process_a
 
 def test_a_repeated_confirm_answers_confirmed_and_persists_only_the_latest(tmp_path):
     host, backend = make_host(tmp_path), StandInBackend(tmp_path)
-    first = host.apply(backend, "a", check_mode=False, arm=True, timeout=30)
     persist = {"backend": backend, "ruleset": "a", "fallback": "f", "systemd": False, "state": "present"}
-    assert host.confirm(first["token"], persist)["state"] == "confirmed"
+    # apply records what its confirm persists: the ruleset is not sent a second time
+    first = host.apply(backend, "a", check_mode=False, arm=True, timeout=30, persist=persist)
+    assert host.confirm(first["token"], persist=True)["state"] == "confirmed"
     # the reply was lost: the controller confirms again
-    again = host.confirm(first["token"], persist)
+    again = host.confirm(first["token"], persist=True)
     assert again["state"] == "confirmed" and again["repeated"] is True
     assert host.status(first["token"]) == {"state": "confirmed"}
-    second = host.apply(backend, "b", check_mode=False, arm=True, timeout=30)
-    assert host.confirm(second["token"], dict(persist, ruleset="b"))["persistence"]["changed"] is True
-    late = host.confirm(first["token"], persist)  # an old token's retry does not overwrite the boot files
+    second = host.apply(backend, "b", check_mode=False, arm=True, timeout=30, persist=dict(persist, ruleset="b"))
+    assert host.confirm(second["token"], persist=True)["persistence"]["changed"] is True
+    late = host.confirm(first["token"], persist=True)  # an old token's retry does not overwrite the boot files
     assert late["state"] == "confirmed" and late["persistence"]["changed"] is False
     assert (tmp_path / "etc" / "ruleset.nft").read_text() == "b"
     with pytest.raises(HostError, match="nothing to confirm"):
@@ -127,9 +139,10 @@ def test_a_repeated_confirm_answers_confirmed_and_persists_only_the_latest(tmp_p
 def test_a_persistence_error_after_confirm_is_reported_as_such(tmp_path):
     (tmp_path / "file").write_text("")
     host, backend = make_host(tmp_path, persist_dir=tmp_path / "file" / "portguard"), StandInBackend(tmp_path)
-    token = host.apply(backend, "a", check_mode=False, arm=True, timeout=30)["token"]
-    result = host.confirm(token, {"backend": backend, "ruleset": "a", "fallback": "f", "systemd": False,
-                                  "state": "present"})
+    token = host.apply(backend, "a", check_mode=False, arm=True, timeout=30,
+                       persist={"backend": backend, "ruleset": "a", "fallback": "f", "systemd": False,
+                                "state": "present"})["token"]
+    result = host.confirm(token, persist=True)
     assert result["state"] == "confirmed" and "Not a directory" in result["persistence_error"]
     assert not os.path.exists(os.path.join(host.state_dir, "pending.json"))
     assert firewall_module.persisted(result, "the ruleset is live and confirmed")["msg"].startswith(
@@ -158,7 +171,7 @@ def test_absent_removes_only_our_files(tmp_path):
 
 
 def test_boot_unit_runs_after_the_distribution_firewall_and_again_when_it_reloads():
-    unit = firewall_host.unit_text("/usr/local/sbin/portguard-load")
+    unit = unit_text("/usr/local/sbin/portguard-load")
     lines = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("WantedBy"))
     for key in ("After", "PartOf", "ReloadPropagatedFrom"):
         assert {"nftables.service", "netfilter-persistent.service", "ufw.service"} <= set(lines[key].split()), key
@@ -166,19 +179,6 @@ def test_boot_unit_runs_after_the_distribution_firewall_and_again_when_it_reload
     assert lines["ExecStart"] == lines["ExecReload"] == "/usr/local/sbin/portguard-load"
     # firewalld starts after sysinit.target, which waits for us: After=firewalld.service would be a cycle
     assert "firewalld" not in unit
-
-
-class FakeModule:
-    check_mode = False
-
-    def __init__(self):
-        self.warnings = []
-
-    def warn(self, text):
-        self.warnings.append(text)
-
-    def fail_json(self, **result):
-        raise AssertionError(f"fail_json: {result}")
 
 
 PARAMS = {"phase": "apply", "backend": "nftables", "state": "present", "rollback_timeout": 30,
@@ -222,8 +222,8 @@ def test_a_ruleset_of_the_wrong_type_is_a_clear_error(module_on_tmp, backend, ru
     ([["INPUT", "PORTGUARD-IN"], ["INPUT", "PORTGUARD-IN"]], "listed twice"),
 ])
 def test_jumps_are_whitelisted(jumps, problem):
-    with pytest.raises(HostError, match=problem.replace("[", r"\[").replace("]", r"\]")):
-        firewall_host.check_jumps(jumps, "ruleset.jumps")
+    with pytest.raises(PayloadRefused, match=problem.replace("[", r"\[").replace("]", r"\]")):
+        check_jumps(jumps, "ruleset.jumps")
 
 
 @pytest.mark.parametrize(("line", "problem"), [
@@ -240,15 +240,15 @@ def test_jumps_are_whitelisted(jumps, problem):
 ])
 def test_iptables_payload_touches_only_our_chains(line, problem):
     payload = GOOD_IPV4.replace("COMMIT\n", line + "\nCOMMIT\n")
-    with pytest.raises(HostError, match=f"refused ruleset.ipv4 line .*{problem[:20]}".replace("[", r"\[")):
-        firewall_host.check_iptables_payload(payload, "ruleset.ipv4")
+    with pytest.raises(PayloadRefused, match=f"refused ruleset.ipv4 line .*{problem[:20]}".replace("[", r"\[")):
+        check_iptables_payload(payload, "ruleset.ipv4")
 
 
 def test_iptables_payload_must_be_one_filter_table():
-    with pytest.raises(HostError, match="must start with \\*filter"):
-        firewall_host.check_iptables_payload("*nat\n-A POSTROUTING -j ACCEPT\nCOMMIT\n", "ruleset.ipv4")
-    with pytest.raises(HostError, match="does not end with COMMIT"):
-        firewall_host.check_iptables_payload("*filter\n:PORTGUARD-IN - [0:0]\n", "ruleset.ipv4")
+    with pytest.raises(PayloadRefused, match="must start with \\*filter"):
+        check_iptables_payload("*nat\n-A POSTROUTING -j ACCEPT\nCOMMIT\n", "ruleset.ipv4")
+    with pytest.raises(PayloadRefused, match="does not end with COMMIT"):
+        check_iptables_payload("*filter\n:PORTGUARD-IN - [0:0]\n", "ruleset.ipv4")
 
 
 def test_rendered_iptables_rulesets_pass_the_host_checks(example_policy, example_hosts):
@@ -256,17 +256,16 @@ def test_rendered_iptables_rulesets_pass_the_host_checks(example_policy, example
 
     for host in example_hosts:
         for ipset in (True, False):
-            firewall_host.check_ruleset("iptables", render_iptables(example_policy.host(host), ipset=ipset).as_dict(), "ruleset")
-        firewall_host.check_ruleset("iptables", render_iptables(example_policy.host(host).management_only()).as_dict(), "fallback")
+            check_ruleset("iptables", render_iptables(example_policy.host(host), ipset=ipset).as_dict(), "ruleset")
+        check_ruleset("iptables", render_iptables(example_policy.host(host).management_only()).as_dict(), "fallback")
 
 
 def test_rendered_nftables_rulesets_pass_the_host_checks(example_policy, example_hosts):
     from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables
 
     for host in example_hosts:
-        firewall_host.check_ruleset("nftables", render_nftables(example_policy.host(host)), "ruleset")
-        firewall_host.check_ruleset("nftables", render_nftables(example_policy.host(host).management_only()),
-                                    "fallback")
+        check_ruleset("nftables", render_nftables(example_policy.host(host)), "ruleset")
+        check_ruleset("nftables", render_nftables(example_policy.host(host).management_only()), "fallback")
 
 
 NFT_OURS = "table inet portguard\ndelete table inet portguard\ntable inet portguard {\n  chain input {\n" \
@@ -281,15 +280,15 @@ NFT_OURS = "table inet portguard\ndelete table inet portguard\ntable inet portgu
     ("}", "unbalanced braces"),
 ])
 def test_nftables_payload_touches_only_our_table(extra, problem):
-    with pytest.raises(HostError, match=f"refused ruleset line .*{problem}"):
-        firewall_host.check_nft_payload(NFT_OURS + extra + "\n", "ruleset")
+    with pytest.raises(PayloadRefused, match=f"refused ruleset line .*{problem}"):
+        check_nft_payload(NFT_OURS + extra + "\n", "ruleset")
 
 
 def test_a_quoted_brace_cannot_move_the_top_level():
     # nft ignores a brace inside a string: the "{" must not make the next line count as inside our table
     tricked = NFT_OURS.replace('comment "x"', 'comment "{"') + "flush ruleset\n"
-    with pytest.raises(HostError, match="line 9 .*only table inet portguard"):
-        firewall_host.check_nft_payload(tricked, "ruleset")
+    with pytest.raises(PayloadRefused, match="line 9 .*only table inet portguard"):
+        check_nft_payload(tricked, "ruleset")
 
 
 @pytest.mark.parametrize("tricked", [
@@ -300,5 +299,5 @@ def test_a_quoted_brace_cannot_move_the_top_level():
     NFT_OURS + '# "\nflush ruleset\n# "\n',
 ])
 def test_strings_and_comments_are_read_as_nft_reads_them(tricked):
-    with pytest.raises(HostError, match="only table inet portguard may be written"):
-        firewall_host.check_nft_payload(tricked, "ruleset")
+    with pytest.raises(PayloadRefused, match="only table inet portguard may be written"):
+        check_nft_payload(tricked, "ruleset")

@@ -11,9 +11,9 @@ import datetime
 import unicodedata
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
-from urllib.parse import unquote
 
 import pytest
+from support.catalogs import ssh_only_catalog
 
 from ansible_collections.portguard.hardening.plugins.module_utils.core.audit import (
     audit_listeners,
@@ -23,7 +23,7 @@ from ansible_collections.portguard.hardening.plugins.module_utils.core.audit imp
 )
 from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
 from ansible_collections.portguard.hardening.plugins.module_utils.core.printable import escape_bytes, printable
-from ansible_collections.portguard.hardening.plugins.module_utils.core.report import activity_report as reporting
+from ansible_collections.portguard.hardening.plugins.module_utils.core.report import render
 from ansible_collections.portguard.hardening.plugins.module_utils.core.summary import format_table
 from ansible_collections.portguard.hardening.plugins.module_utils.core.verify import matrix
 from ansible_collections.portguard.hardening.plugins.module_utils.host.listeners import parse_cmdline
@@ -104,13 +104,7 @@ def test_command_line_arguments_are_escaped_each():
 
 
 # ---------------------------------------------------------------- audit
-CATALOG = {
-    "portguard_networks": {"admin": ["10.99.0.0/24"]},
-    "portguard_services": {"ssh": {"port": 22, "proto": "tcp", "purpose": "Remote administration",
-                                   "owner": "platform"}},
-    "portguard_flows": [{"name": "admin-ssh", "from": "admin", "to": "web1", "services": ["ssh"]}],
-    "portguard_management": {"from": ["admin"], "services": ["ssh"]},
-}
+CATALOG = ssh_only_catalog(to="web1")
 
 
 @pytest.fixture(scope="module")
@@ -189,38 +183,23 @@ def summary(text):
 
 
 def test_report_page_has_no_injected_element():
-    assert_same_page(reporting.render_html(summary(BENIGN), title=BENIGN),
-                     reporting.render_html(summary(HOSTILE), title=HOSTILE))
+    assert_same_page(render.render_html(summary(BENIGN), title=BENIGN),
+                     render.render_html(summary(HOSTILE), title=HOSTILE))
 
 
 def test_report_section_in_the_verify_page_is_replaced_whole():
     page = matrix.to_html(cells(BENIGN), [], {})
-    once = reporting.extend_page(page, summary(HOSTILE))
-    twice = reporting.extend_page(once, summary(BENIGN))
-    assert twice == reporting.extend_page(page, summary(BENIGN))
-    assert_same_page(reporting.extend_page(page, summary(BENIGN)), once)
+    once = render.extend_page(page, summary(HOSTILE))
+    twice = render.extend_page(once, summary(BENIGN))
+    assert twice == render.extend_page(page, summary(BENIGN))
+    assert_same_page(render.extend_page(page, summary(BENIGN)), once)
 
 
 def test_report_text_prints_nothing_hidden():
-    text = reporting.render_text(summary(HOSTILE))
+    text = render.render_text(summary(HOSTILE))
     assert not hidden(text) and printable(HOSTILE) in text
 
 
 def test_policy_summary_table_prints_nothing_hidden():
     table = format_table([{"host": HOSTILE, "flows": [HOSTILE]}], [("host", "host"), ("flows", "flows")])
     assert not hidden(table) and printable(HOSTILE) in table
-
-
-# ---------------------------------------------------------------- report file names
-def test_report_file_names_are_distinct_safe_and_reversible():
-    hosts = ["web/1", "web_1", "web:1", "Web1", "web%2F1", "../../etc/x", ".hidden", "-rf", "..", ".", "report",
-             "ü", "x" * 300, "x" * 299 + "y", "", "a\x00b", "a\nb"]
-    names = [reporting.report_file_name(host) for host in hosts]
-    assert len(set(names)) == len(hosts)
-    for host, name in zip(hosts, names):
-        assert set(name) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-%~"), name
-        assert name[0] not in ".-" and name != "report" and 0 < len(name) <= 120
-        if "~" not in name:
-            assert unquote(name) == host
-    assert names[:3] == ["web%2F1", "web_1", "web%3A1"]
-    assert names[5] == "%2E.%2F..%2Fetc%2Fx"

@@ -14,12 +14,12 @@ from ansible_collections.portguard.hardening.plugins.filter import lint as lint_
 from ansible_collections.portguard.hardening.plugins.filter import portguard as filters
 from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import render_iptables
 from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.nftables import render_nftables
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.inventory import HostSettings
 from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import RenderError
 from ansible_collections.portguard.hardening.plugins.module_utils.core.lint import lint_catalog, lint_report
 from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import (
     Entry,
     HostPolicy,
-    HostSettings,
     Label,
 )
 

@@ -11,15 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ansible_collections.portguard.hardening.plugins.module_utils.core import errors
-from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import (
-    catalog_vars,
-    compile_catalog,
-)
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.findings import sort_findings
+from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.schema import catalog_vars
 from ansible_collections.portguard.hardening.plugins.module_utils.core.lint import (
     error_code,
     lint_catalog,
     lint_report,
-    sort_findings,
 )
 from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import Finding
 

@@ -12,8 +12,8 @@ import pytest
 from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import (
     PortguardError,
 )
-from ansible_collections.portguard.hardening.plugins.module_utils.host import listeners
-from ansible_collections.portguard.hardening.plugins.module_utils.host.listeners import (
+from ansible_collections.portguard.hardening.plugins.module_utils.host import listeners, sockets
+from ansible_collections.portguard.hardening.plugins.module_utils.host.sockets import (
     ListenerError,
     NetlinkUnavailable,
     SocketRecord,
@@ -30,7 +30,7 @@ def proc_records():
         for suffix, family in FAMILIES.items():
             name = protocol + ("6" if suffix == "6" else "")
             text = (FIXTURES / f"proc_net_{name}.txt").read_text()
-            records += listeners.parse_proc_net(text, protocol, family)
+            records += sockets.parse_proc_net(text, protocol, family)
     return records
 
 
@@ -39,7 +39,7 @@ def netlink_records():
     for protocol in ("tcp", "udp"):
         for suffix in FAMILIES:
             data = (FIXTURES / f"sock_diag_{protocol}{suffix}.bin").read_bytes()
-            part, done = listeners.parse_sock_diag(data, protocol)
+            part, done = sockets.parse_sock_diag(data, protocol)
             assert done
             records += part
     return records
@@ -76,30 +76,30 @@ def test_both_sources_agree_on_inodes_and_owner_uid():
 
 def test_sock_diag_parses_across_chunks():
     data = (FIXTURES / "sock_diag_tcp6.bin").read_bytes()
-    whole = listeners.parse_sock_diag(data, "tcp")[0]
+    whole = sockets.parse_sock_diag(data, "tcp")[0]
     first_len = struct.unpack_from("=I", data)[0]
-    head, done = listeners.parse_sock_diag(data[:first_len], "tcp")
+    head, done = sockets.parse_sock_diag(data[:first_len], "tcp")
     assert not done and head == whole[:1]
-    tail, done = listeners.parse_sock_diag(data[first_len:], "tcp")
+    tail, done = sockets.parse_sock_diag(data[first_len:], "tcp")
     assert done and head + tail == whole
 
 
 def test_sock_diag_error_reply_means_netlink_unavailable():
     error = struct.pack("=IHHII", 36, 2, 0, 1, 0) + struct.pack("=i", -2) + bytes(16)
     with pytest.raises(NetlinkUnavailable, match="No such file"):
-        listeners.parse_sock_diag(error, "udp")
+        sockets.parse_sock_diag(error, "udp")
 
 
 def test_sock_diag_truncated_reply_is_refused():
     data = (FIXTURES / "sock_diag_tcp4.bin").read_bytes()
     with pytest.raises(ListenerError, match="truncated"):
-        listeners.parse_sock_diag(data[:50], "tcp")
+        sockets.parse_sock_diag(data[:50], "tcp")
     assert issubclass(ListenerError, PortguardError)
 
 
 def test_request_asks_for_the_listening_state_only():
-    tcp = listeners.build_sock_diag_request(socket.AF_INET6, "tcp")
-    udp = listeners.build_sock_diag_request(socket.AF_INET, "udp")
+    tcp = sockets.build_sock_diag_request(socket.AF_INET6, "tcp")
+    udp = sockets.build_sock_diag_request(socket.AF_INET, "udp")
     assert len(tcp) == struct.unpack_from("=I", tcp)[0] == 72
     assert struct.unpack_from("=BBBxI", tcp, 16) == (socket.AF_INET6, socket.IPPROTO_TCP, 0, 1 << 10)
     assert struct.unpack_from("=BBBxI", udp, 16) == (socket.AF_INET, socket.IPPROTO_UDP, 0, 1 << 7)
@@ -238,12 +238,12 @@ def test_collect_listeners_from_proc_end_to_end(tmp_path):
 def test_auto_falls_back_to_proc_when_netlink_is_refused(tmp_path, monkeypatch):
     def refuse(family, protocol):
         raise NetlinkUnavailable("no udp_diag")
-    monkeypatch.setattr(listeners, "read_sock_diag", refuse)
+    monkeypatch.setattr(sockets, "read_sock_diag", refuse)
     proc = make_proc(tmp_path, {})
     copy_proc_net(proc)
-    assert len(listeners.read_sockets(source="auto", proc=str(proc))) == len(EXPECTED)
+    assert len(sockets.read_sockets(source="auto", proc=str(proc))) == len(EXPECTED)
     with pytest.raises(NetlinkUnavailable):
-        listeners.read_sockets(source="netlink", proc=str(proc))
+        sockets.read_sockets(source="netlink", proc=str(proc))
 
 
 def test_missing_proc_net_files(tmp_path):
@@ -251,17 +251,17 @@ def test_missing_proc_net_files(tmp_path):
     (proc / "net").mkdir(parents=True)
     (proc / "net" / "tcp").write_text((FIXTURES / "proc_net_tcp.txt").read_text())
     # No tcp6: IPv6 disabled at boot. No tcp listening sockets lost either way.
-    assert listeners.read_proc_net(socket.AF_INET6, "tcp", str(proc)) == []
-    assert len(listeners.read_proc_net(socket.AF_INET, "tcp", str(proc))) == 3
+    assert sockets.read_proc_net(socket.AF_INET6, "tcp", str(proc)) == []
+    assert len(sockets.read_proc_net(socket.AF_INET, "tcp", str(proc))) == 3
     with pytest.raises(ListenerError, match="net/udp"):
-        listeners.read_proc_net(socket.AF_INET, "udp", str(proc))
+        sockets.read_proc_net(socket.AF_INET, "udp", str(proc))
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="sctp"):
-        listeners.read_sockets(["sctp"], source="proc")
+        sockets.read_sockets(["sctp"], source="proc")
     with pytest.raises(ValueError, match="ss"):
-        listeners.read_sockets(source="ss")
+        sockets.read_sockets(source="ss")
 
 
 @pytest.mark.parametrize(("raw", "line"), [

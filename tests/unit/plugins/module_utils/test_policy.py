@@ -2,14 +2,16 @@
 
 import pytest
 
+from ansible_collections.portguard.hardening.plugins.module_utils.core.intervals import (
+    interval_cidrs,
+    interval_text,
+    merge_intervals,
+)
 from ansible_collections.portguard.hardening.plugins.module_utils.core.policy import (
     Entry,
     Finding,
     Label,
     disjoint_entries,
-    interval_cidrs,
-    interval_text,
-    merge_intervals,
 )
 
 A, B, C = Label("a", "s1", "Purpose A", "x"), Label("b", "s2"), Label("c", "s3", "Purpose C")

@@ -24,14 +24,15 @@ import pytest
 
 from ansible_collections.portguard.hardening.plugins.module_utils.core.errors import PortguardError
 from ansible_collections.portguard.hardening.plugins.module_utils.host import probe as probe_mod
+from ansible_collections.portguard.hardening.plugins.module_utils.host import probe_limits
 from ansible_collections.portguard.hardening.plugins.module_utils.host.probe import (
     CLOSED,
     FILTERED,
     OPEN,
     ProbeError,
-    default_concurrency,
     probe_ports,
 )
+from ansible_collections.portguard.hardening.plugins.module_utils.host.probe_limits import default_concurrency
 
 V4, V6 = "127.0.0.1", "::1"
 
@@ -288,19 +289,19 @@ def test_concurrency_cap_is_honoured(servers, monkeypatch):
 
 
 def test_default_concurrency_respects_the_open_file_limit(monkeypatch):
-    monkeypatch.setattr(probe_mod.resource, "getrlimit", lambda _: (200, 200))
-    assert default_concurrency() == 200 - probe_mod.FD_RESERVE
-    monkeypatch.setattr(probe_mod.resource, "getrlimit", lambda _: (1024, 1 << 20))
+    monkeypatch.setattr(probe_limits.resource, "getrlimit", lambda _: (200, 200))
+    assert default_concurrency() == 200 - probe_limits.FD_RESERVE
+    monkeypatch.setattr(probe_limits.resource, "getrlimit", lambda _: (1024, 1 << 20))
     # A low soft limit is no cap: the run raises it up to the hard limit.
-    assert default_concurrency() == min(probe_mod.PER_CPU * probe_mod._cpus(), probe_mod.MAX_CONCURRENCY)
-    monkeypatch.setattr(probe_mod.resource, "getrlimit", lambda _: (20, 20))
+    assert default_concurrency() == min(probe_limits.PER_CPU * probe_limits._cpus(), probe_limits.MAX_CONCURRENCY)
+    monkeypatch.setattr(probe_limits.resource, "getrlimit", lambda _: (20, 20))
     assert default_concurrency() == 16
 
 
 def test_a_run_never_holds_more_sockets_than_the_file_limit_allows(servers):
     """A concurrency above what the process may open is clamped, not an EMFILE crash."""
     mute = servers(UdpEcho, V4, echo=False)
-    soft = probe_mod.resource.getrlimit(probe_mod.resource.RLIMIT_NOFILE)[0]
+    soft = probe_limits.resource.getrlimit(probe_limits.resource.RLIMIT_NOFILE)[0]
     results = probe_ports([(V4, mute.port, "udp")] * 40, timeout=0.1, concurrency=soft * 4)
     assert [r["state"] for r in results] == [FILTERED] * 40
 

@@ -5,12 +5,11 @@ import re
 
 import pytest
 
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.contract import SET_COMMENT_BYTES
+from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.ipset import SET_MAXELEM, SET_PORT_SPAN
 from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.iptables import (
     COMMENT_BYTES,
     MULTIPORT_SLOTS,
-    SET_COMMENT_BYTES,
-    SET_MAXELEM,
-    SET_PORT_SPAN,
     render_iptables,
 )
 from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog

@@ -7,6 +7,7 @@ import pytest
 
 from ansible_collections.portguard.hardening.plugins.module_utils.core.catalog.compiler import compile_catalog
 from ansible_collections.portguard.hardening.plugins.module_utils.core.report import activity_report as rep
+from ansible_collections.portguard.hardening.plugins.module_utils.core.report import render
 
 TODAY = datetime.date(2026, 11, 26)
 VARIABLES = {
@@ -131,15 +132,15 @@ def test_summary_recertification_and_renderings(policy):
     assert summary["unused_by_owner"]["data"] == [
         {"flow": "app-cache", "service": "redis", "purpose": "Cache", "hosts": ["db1"]}]
     assert [f["name"] for f in summary["expired"]] == ["legacy"]
-    text = rep.render_text(summary)
+    text = render.render_text(summary)
     assert "EXPIRED flow legacy" in text and "expiring flow office-web on 2026-12-01 (5 day(s) left)" in text
     assert "data: app-cache/redis on db1" in text and "network office" in text
-    page = rep.render_html(summary)
-    assert "app-cache/redis" in page and page.count(rep.MARK_START) == 1
+    page = render.render_html(summary)
+    assert "app-cache/redis" in page and page.count(render.MARK_START) == 1
     verify = "<html><body><h1>matrix</h1></body></html>"
-    once = rep.extend_page(verify, summary)
-    assert once.index(rep.MARK_START) < once.index("</body>") and "<h1>matrix</h1>" in once
-    twice = rep.extend_page(once, summary)
+    once = render.extend_page(verify, summary)
+    assert once.index(render.MARK_START) < once.index("</body>") and "<h1>matrix</h1>" in once
+    twice = render.extend_page(once, summary)
     assert twice == once  # a second report replaces its section
 
 
