@@ -109,7 +109,7 @@ from ansible_collections.portguard.hardening.plugins.module_utils.host.probe imp
     REQUEST_BYTES,
     REQUEST_MAGIC,
 )
-from ansible_collections.portguard.hardening.plugins.module_utils.host.processes import start_time
+from ansible_collections.portguard.hardening.plugins.module_utils.host.processes import is_ours, start_time
 
 STATE_FILE = os.path.join(STATE_DIR, "listener.json")
 # In the listener's command line: with the pid and its start time, it tells our listener from a stranger.
@@ -262,22 +262,6 @@ main()
 """
 
 
-def _is_our_listener(state):
-    """Whether the recorded listener still runs: same pid, same start time, our user, our command line."""
-    pid, start = state.get("pid"), state.get("start")
-    if isinstance(pid, bool) or not isinstance(pid, int) or pid < 2 or not isinstance(start, str):
-        return False
-    if start_time(pid) != start:
-        return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            argv = handle.read().split(b"\0")
-        owner = os.stat(f"/proc/{pid}").st_uid
-    except OSError:
-        return False
-    return owner == os.geteuid() and MARKER.encode() in argv
-
-
 def _read_state():
     try:
         with open(STATE_FILE) as handle:
@@ -293,7 +277,7 @@ def _stop():
     if state is None:
         return False
     stopped = False
-    if _is_our_listener(state):
+    if is_ours(state.get("pid"), state.get("start"), MARKER):
         try:
             os.kill(state["pid"], signal.SIGTERM)
             stopped = True

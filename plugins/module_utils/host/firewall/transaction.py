@@ -34,7 +34,7 @@ from ansible_collections.portguard.hardening.plugins.module_utils.core.backends.
 )
 from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall import persist as persistence
 from ansible_collections.portguard.hardening.plugins.module_utils.host.firewall.backends import live_lines
-from ansible_collections.portguard.hardening.plugins.module_utils.host.processes import start_time
+from ansible_collections.portguard.hardening.plugins.module_utils.host.processes import is_ours, start_time
 from ansible_collections.portguard.hardening.plugins.module_utils.host.run import HostError, run_steps, write_atomic
 
 # A record past its deadline by this much, whose revert process still has not acted, is stale.
@@ -310,14 +310,7 @@ with open(os.path.join(state_dir, "lock"), "a") as lock:
 
 def _revert_alive(record) -> bool:
     """The revert process of ``record`` runs: same pid, same start time, its token on its command line."""
-    pid, start = record.get("pid"), record.get("start")
-    if not isinstance(pid, int) or pid <= 0 or not start or start_time(pid) != start:
-        return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return str(record.get("token")).encode() in handle.read().split(b"\0")
-    except OSError:
-        return False
+    return is_ours(record.get("pid"), record.get("start"), record.get("token"))
 
 
 def _terminate(record):
